@@ -1,0 +1,3 @@
+from minti.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""minti: minimal textual inversion for Stable Diffusion."""
+from setuptools import setup
+
+setup(
+    name="minti",
+    version="0.1.0",
+    description="Minimal-memory textual inversion for Stable Diffusion (SD 1.x, 2.x, XL), PyTorch + Triton",
+    python_requires=">=3.10",
+    # kernels/ is a top-level folder in the source tree but is always imported as
+    # minti.kernels: a PyPI package named `kernels` exists and must never be shadowed.
+    packages=["minti", "minti.kernels"],
+    package_dir={"minti": "minti", "minti.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        # Triton wheels exist for Linux and Windows only; macOS/CPU installs use the torch path.
+        "triton; sys_platform == 'linux' or sys_platform == 'win32'",
+        "safetensors",
+        "tokenizers",
+        "open-clip-torch",  # only for its bundled CLIP BPE vocabulary file
+        "pillow",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest", "diffusers", "transformers"]},
+    entry_points={"console_scripts": ["minti=minti.cli:main"]},
+)

@@ -60,3 +60,40 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
         return kernel(x, backend=BACKEND)
     a, gate = x.chunk(2, dim=-1)
     return a * F.gelu(gate)
+
+
+class _InputGradConv2d(torch.autograd.Function):
+    """conv2d whose backward computes only the input gradient.
+
+    autograd's conv2d saves its input for the weight gradient even when the weight is
+    frozen; in textual inversion every conv is frozen, so that input (the largest
+    activation of each ResBlock) is dead weight. This saves only the weight, which is
+    alive anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(weight)
+        ctx.input_shape, ctx.stride, ctx.padding = x.shape, stride, padding
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        grad_in = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_out, ctx.stride, ctx.padding)
+        return grad_in, None, None, None, None
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
+           padding: int = 0) -> torch.Tensor:
+    """F.conv2d that stores no activation when the weight is frozen."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or not x.requires_grad:
+        return F.conv2d(x, weight, bias, stride, padding)
+    return _InputGradConv2d.apply(x, weight, bias, stride, padding)
+
+
+class Conv2d(torch.nn.Conv2d):
+    """nn.Conv2d (same parameters and state-dict keys) routed through ops.conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding)

@@ -11,7 +11,52 @@ import torch
 # def unet_from_diffusers(sd: dict, **kw) -> dict   (filled by the UNet work)
 
 # ---- vae --------------------------------------------------------------------------------
-# def vae_from_diffusers(sd: dict, **kw) -> dict   (filled by the VAE work)
+import re as _re
+
+# (pattern, replacement) applied in order to every key. Both diffusers generations are
+# covered: current attention names (to_q/to_k/to_v/to_out.0) and the 2022-era ones
+# (query/key/value/proj_attn). decoder.up_blocks is handled separately (index reversal).
+_VAE_RULES = [
+    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
+    (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+    (r"\.attn_1\.(?:to_q|query)\.", ".attn_1.q."),
+    (r"\.attn_1\.(?:to_k|key)\.", ".attn_1.k."),
+    (r"\.attn_1\.(?:to_v|value)\.", ".attn_1.v."),
+    (r"\.attn_1\.(?:to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+]
+_VAE_UP = _re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.")
+_VAE_LINEAR_ATTN = _re.compile(r"\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def vae_from_diffusers(sd: dict, **kw) -> dict:
+    """diffusers AutoencoderKL state dict -> single-file names (without `first_stage_model.`).
+
+    diffusers stores the attention projections as Linear [C,C]; LDM as 1x1 convs [C,C,1,1],
+    so those are reshaped (a view, no copy). diffusers lists decoder.up_blocks from the
+    deepest level up, LDM's decoder.up.N by resolution: up_blocks.i is up.(n-1-i)."""
+    n_up = len({m.group(1) for k in sd if (m := _VAE_UP.match(k))})
+
+    def up(m: _re.Match) -> str:
+        part = "block" if m.group(2) == "resnets" else "upsample"
+        return f"decoder.up.{n_up - 1 - int(m.group(1))}.{part}."
+
+    out = {}
+    for key, t in sd.items():
+        new = _VAE_UP.sub(up, key)
+        for pattern, repl in _VAE_RULES:
+            new = _re.sub(pattern, repl, new)
+        if _VAE_LINEAR_ATTN.search(new) and t.ndim == 2:
+            t = t.reshape(*t.shape, 1, 1)
+        if new in out:
+            raise ValueError(f"two diffusers VAE keys map to {new!r} (mixed old and new attention names?)")
+        out[new] = t
+    return out
 
 # ---- text encoders ------------------------------------------------------------------------
 # def text_encoder_from_diffusers(sd: dict, layout: str, **kw) -> dict   (filled by the text-encoder work;

@@ -8,7 +8,66 @@ from __future__ import annotations
 import torch
 
 # ---- unet -------------------------------------------------------------------------------
-# def unet_from_diffusers(sd: dict, **kw) -> dict   (filled by the UNet work)
+import re as _re
+
+# Inside a ResBlock (diffusers "resnets.N"): LDM keeps the Sequential indices of
+# GroupNorm, SiLU, conv (in_layers), SiLU, Linear (emb_layers), GroupNorm, SiLU, Dropout, conv.
+# Transformer internals (norm, proj_in, transformer_blocks...) already share their names.
+_UNET_RESNET_RULES = [
+    (r"(resnets\.\d+\.)norm1\.", r"\1in_layers.0."),
+    (r"(resnets\.\d+\.)conv1\.", r"\1in_layers.2."),
+    (r"(resnets\.\d+\.)time_emb_proj\.", r"\1emb_layers.1."),
+    (r"(resnets\.\d+\.)norm2\.", r"\1out_layers.0."),
+    (r"(resnets\.\d+\.)conv2\.", r"\1out_layers.3."),
+    (r"(resnets\.\d+\.)conv_shortcut\.", r"\1skip_connection."),
+]
+_UNET_FIXED_RULES = [
+    (r"^time_embedding\.linear_1\.", "time_embed.0."),
+    (r"^time_embedding\.linear_2\.", "time_embed.2."),
+    (r"^add_embedding\.linear_1\.", "label_emb.0.0."),  # SDXL
+    (r"^add_embedding\.linear_2\.", "label_emb.0.2."),
+    (r"^conv_in\.", "input_blocks.0.0."),
+    (r"^conv_norm_out\.", "out.0."),
+    (r"^conv_out\.", "out.2."),
+    (r"^mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
+    (r"^mid_block\.attentions\.0\.", "middle_block.1."),
+]
+_UNET_SINGLE_FILE_ROOTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
+
+
+def unet_from_diffusers(sd: dict, **kw) -> dict:
+    """Rename a diffusers UNet2DConditionModel state dict to single-file names (SD 1/2/XL).
+
+    Diffusers numbers blocks per level (down_blocks.L.resnets.J); LDM numbers them flat
+    (input_blocks.I.0), each level holding n ResBlocks plus one Downsample (n + 1 going up,
+    where the extra ResBlock eats the Downsample's skip). n is read from the keys, and so is
+    whether an up level has attention, which moves its Upsample from slot .1 to .2.
+    """
+    n = 1 + max(int(m[1]) for k in sd if (m := _re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    up_with_attention = {int(m[1]) for k in sd if (m := _re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    rules = _UNET_RESNET_RULES + _UNET_FIXED_RULES + [
+        (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.",
+         lambda m: f"input_blocks.{1 + int(m[1]) * (n + 1) + int(m[2])}.0."),
+        (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.",
+         lambda m: f"input_blocks.{1 + int(m[1]) * (n + 1) + int(m[2])}.1."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+         lambda m: f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op."),
+        (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + int(m[2])}.0."),
+        (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + int(m[2])}.1."),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if int(m[1]) in up_with_attention else 1}."),
+    ]
+    out = {}
+    for key, value in sd.items():
+        new = key
+        for pattern, repl in rules:
+            new = _re.sub(pattern, repl, new)
+        if not new.startswith(_UNET_SINGLE_FILE_ROOTS):
+            raise ValueError(f"unet_from_diffusers: no rule for diffusers key {key!r}")
+        out[new] = value
+    return out
 
 # ---- vae --------------------------------------------------------------------------------
 import re as _re

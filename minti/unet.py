@@ -11,6 +11,10 @@ Shape of the network (LDM's openaimodel.UNetModel):
                    of h and a skip [+ SpatialTransformer]), then an Upsample except at level 0
     out            GroupNorm+SiLU, conv
 Every entry of the three block lists is a `Block` called as block(h, emb, context).
+
+Memory (textual inversion trains through this network with every weight frozen): convs
+are ops.Conv2d, which keep no input for a weight gradient; with `checkpointing = True`
+each block keeps only its input and recomputes its inside during backward.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch.utils.checkpoint import checkpoint
 
 from minti import ops
 
@@ -124,8 +130,8 @@ class Norm(nn.GroupNorm):
         return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, silu=self.silu)
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+def conv3x3(cin: int, cout: int, stride: int = 1) -> ops.Conv2d:
+    return ops.Conv2d(cin, cout, 3, stride=stride, padding=1)
 
 
 class ResBlock(nn.Module):
@@ -138,7 +144,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(Norm(cin, groups), nn.Identity(), conv3x3(cin, cout))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
         self.out_layers = nn.Sequential(Norm(cout, groups), nn.Identity(), nn.Identity(), conv3x3(cout, cout))
-        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.skip_connection = nn.Identity() if cin == cout else ops.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -213,7 +219,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = linear
         self.norm = Norm(channels, groups, eps=1e-6, silu=False)
-        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: ops.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, heads, head_dim, context_dim, upcast) for _ in range(depth))
@@ -276,6 +282,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
+        self.checkpointing = False  # recompute each block in backward instead of storing it
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -290,7 +297,7 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, heads, head_dim, depth, cfg.context_dim, cfg.use_linear_proj,
                                       groups, cfg.upcast_attention)
 
-        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([Block(ops.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels, ch = [mc], mc  # channels of each input block's output, consumed by output_blocks
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -319,7 +326,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
 
-        self.out = nn.Sequential(Norm(ch, groups), nn.Identity(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(Norm(ch, groups), nn.Identity(), ops.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
@@ -334,11 +341,20 @@ class UNet(nn.Module):
                 raise ValueError("this UNet (SDXL) needs y: see sdxl_conditioning_vector")
             emb = emb + self.label_emb(y.to(dtype))
         h, context = x.to(dtype), context.to(dtype)
+        run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else self._direct
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+    @staticmethod
+    def _direct(block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return block(h, emb, context)
+
+    @staticmethod
+    def _checkpointed(block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return checkpoint(block, h, emb, context, use_reentrant=False)

@@ -1,0 +1,227 @@
+"""A learned embedding, and the file formats the rest of the ecosystem reads.
+
+Formats (all hold float32 [N, dim] tensors, N = vectors per token):
+  <name>.safetensors          {"emb_params": [N, dim]}              A1111, ComfyUI, kohya --weights
+  <name>.pt                   A1111's pickle-free dict:              A1111, diffusers (token = "name")
+                              string_to_token {"*": 265}, string_to_param {"*": [N, dim]},
+                              name, step, sd_checkpoint, sd_checkpoint_name
+  learned_embeds.safetensors  {"<token>": [N, dim]}                  diffusers' own format
+  SDXL (two text encoders)    {"clip_l": [N, 768], "clip_g": [N, 1280]}  kohya / ComfyUI / A1111 / diffusers
+
+A1111 and ComfyUI take the trigger word from the file name, so `<name>` is the token with
+the angle brackets removed, and load_embedding() names a file's token after its stem.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minti import atomic
+
+STAR_TOKEN_ID = 265  # CLIP's id for "*": A1111 stores it in every .pt, nothing reads it back
+SDXL_KEYS = ("clip_l", "clip_g")  # order = sd.text_encoders order (CLIP-L, then bigG)
+FORMATS = ("safetensors", "pt", "diffusers")
+
+
+def file_stem(token: str) -> str:
+    """The file name for a token: "<my-cat>" -> "my-cat" (A1111/ComfyUI trigger on the stem)."""
+    name = token.strip()
+    if name.startswith("<") and name.endswith(">") and len(name) > 2:
+        name = name[1:-1]
+    name = re.sub(r'[\\/:*?"<>|\s]+', "_", name).strip("._")
+    return name or "embedding"
+
+
+@dataclass
+class Embedding:
+    """The learned vectors for one token: one [N, dim] float32 tensor per text encoder."""
+    token: str
+    vectors: list[torch.Tensor]
+    step: int = 0
+    sd_checkpoint: str | None = None  # A1111 short hash of the model file (first 10 hex of sha256)
+    sd_checkpoint_name: str | None = None
+    source: Path | None = field(default=None, compare=False)  # file it was loaded from, if any
+
+    def __post_init__(self) -> None:
+        if not self.vectors or len(self.vectors) > 2:
+            raise ValueError(f"an embedding has one tensor per text encoder (1 or 2), got {len(self.vectors)}")
+        vecs = []
+        for v in self.vectors:
+            v = v.detach().to("cpu", torch.float32)
+            if v.ndim == 1:
+                v = v.unsqueeze(0)
+            if v.ndim != 2:
+                raise ValueError(f"embedding vectors must be [N, dim], got shape {tuple(v.shape)}")
+            vecs.append(v.contiguous())
+        if len({v.shape[0] for v in vecs}) != 1:
+            raise ValueError(f"every text encoder needs the same number of vectors, got {[v.shape[0] for v in vecs]}")
+        self.vectors = vecs
+
+    @property
+    def name(self) -> str:
+        return file_stem(self.token)
+
+    @property
+    def n_vectors(self) -> int:
+        return self.vectors[0].shape[0]
+
+    @property
+    def dims(self) -> list[int]:
+        return [v.shape[1] for v in self.vectors]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.vectors) == 2
+
+    # ------------------------------------------------------------------- saving
+
+    def state_dicts(self) -> dict[str, dict]:
+        """format -> what that file holds (tensors are CPU float32)."""
+        if self.is_sdxl:
+            return {"safetensors": dict(zip(SDXL_KEYS, self.vectors))}
+        v = self.vectors[0]
+        return {
+            "safetensors": {"emb_params": v},
+            "pt": {
+                "string_to_token": {"*": STAR_TOKEN_ID},
+                "string_to_param": {"*": v},
+                # diffusers takes the token from "name": keep the brackets so it matches the
+                # token used in training and in learned_embeds.safetensors.
+                "name": self.token,
+                "step": self.step,
+                "sd_checkpoint": self.sd_checkpoint,
+                "sd_checkpoint_name": self.sd_checkpoint_name,
+            },
+            "diffusers": {self.token: v},
+        }
+
+    def save(self, path: str | Path, formats: tuple[str, ...] | None = None) -> list[Path]:
+        """Save atomically. `path` is a folder (-> every format: <name>.safetensors, <name>.pt,
+        learned_embeds.safetensors) or a file whose suffix picks the format (.safetensors ->
+        emb_params, .pt/.bin -> A1111; `formats=("diffusers",)` with a file path -> {token: tensor}).
+        SDXL embeddings have one format ({"clip_l", "clip_g"}) and are saved as .safetensors only.
+        Returns the files written.
+        """
+        path = Path(path)
+        data = self.state_dicts()
+        meta = {"token": self.token, "step": str(self.step), "format": "minti"}
+        suffix = path.suffix.lower()
+        if suffix in (".safetensors", ".pt", ".bin"):
+            fmt = formats or (("safetensors",) if suffix == ".safetensors" else ("pt",))
+            if len(fmt) != 1 or fmt[0] not in data:
+                raise ValueError(f"{path}: a file path takes one of the formats {', '.join(data)}; "
+                                 "pass a folder to write them all")
+            fmt = fmt[0]
+            # The suffix must say how the file is encoded: .safetensors or a torch pickle.
+            if (fmt == "pt" and suffix == ".safetensors") or (fmt == "safetensors" and suffix != ".safetensors"):
+                raise ValueError(f"{path}: format {fmt!r} cannot be written with the suffix {path.suffix}")
+            self._write(data[fmt], path, meta)
+            return [path]
+        written = []
+        for fmt in formats or FORMATS:
+            if fmt not in FORMATS:
+                raise ValueError(f"unknown embedding format {fmt!r}: use {', '.join(FORMATS)}")
+            if fmt not in data:
+                continue
+            target = path / ("learned_embeds.safetensors" if fmt == "diffusers" else f"{self.name}.{'pt' if fmt == 'pt' else 'safetensors'}")
+            self._write(data[fmt], target, meta)
+            written.append(target)
+        return written
+
+    @staticmethod
+    def _write(data: dict, path: Path, meta: dict[str, str]) -> None:
+        if path.suffix.lower() != ".safetensors":
+            atomic.torch_save(data, path)
+        else:
+            atomic.save_safetensors(data, path, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _bad(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} is not a textual-inversion embedding ({what}); expected an A1111 .pt/.safetensors, "
+                      "a diffusers learned_embeds file, or an SDXL clip_l/clip_g file")
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        raise ValueError(f"embedding file {path} does not exist: check the path")
+    if path.is_dir():
+        for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+            if (path / name).is_file():
+                return _read(path / name)
+        raise ValueError(f"{path} is a folder without learned_embeds.safetensors: pass the embedding file itself")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path}: {e}; the file is damaged or not a safetensors file") from None
+    if suffix in (".pt", ".bin", ".ckpt", ".pth"):
+        import pickle
+
+        try:
+            # weights_only: an embedding from the internet must never run code on load.
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"refusing to load {path}: its pickle needs more than plain tensors ({e}). "
+                             "Convert it to .safetensors with a trusted tool first") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"cannot read {path}: {e}; the file is damaged or not a torch file") from None
+    raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt or .bin")
+
+
+def _as_tensor(x, path: Path, where: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    raise _bad(path, f"{where} is a {type(x).__name__}, not a tensor")
+
+
+def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
+    """Read an embedding in any supported format.
+
+    The token is, unless given: the key of a diffusers {token: tensor} file, else the file
+    stem (as A1111 and ComfyUI do: `my-cat.pt` triggers on "my-cat").
+    """
+    path = Path(path)
+    data = _read(path)
+    if not isinstance(data, dict) or not data:
+        raise _bad(path, "it holds no dict of tensors")
+    stem = path.stem if not path.is_dir() else path.name
+    step = 0
+    checkpoint = checkpoint_name = None
+    if "string_to_param" in data:  # A1111 .pt
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise _bad(path, "string_to_param must hold exactly one tensor")
+        vectors = [_as_tensor(next(iter(params.values())), path, "string_to_param")]
+        step = int(data.get("step") or 0)
+        checkpoint, checkpoint_name = data.get("sd_checkpoint"), data.get("sd_checkpoint_name")
+        name = token or stem
+    elif all(k in data for k in SDXL_KEYS):
+        vectors = [_as_tensor(data[k], path, k) for k in SDXL_KEYS]
+        name = token or stem
+    elif "emb_params" in data:
+        vectors = [_as_tensor(data["emb_params"], path, "emb_params")]
+        name = token or stem
+    elif len(data) == 1:  # diffusers {token: tensor}
+        key, value = next(iter(data.items()))
+        vectors = [_as_tensor(value, path, repr(key))]
+        name = token or str(key)
+    else:
+        raise _bad(path, f"unexpected keys {sorted(map(str, data))[:6]}")
+    try:
+        emb = Embedding(name, vectors, step=step, sd_checkpoint=checkpoint, sd_checkpoint_name=checkpoint_name)
+    except ValueError as e:
+        raise _bad(path, str(e)) from None
+    if not all(torch.isfinite(v).all() for v in emb.vectors):
+        raise ValueError(f"{path} holds NaN or infinite values: the embedding is broken; use an earlier save")
+    emb.source = path
+    return emb

@@ -118,8 +118,60 @@ def vae_from_diffusers(sd: dict, **kw) -> dict:
     return out
 
 # ---- text encoders ------------------------------------------------------------------------
-# def text_encoder_from_diffusers(sd: dict, layout: str, **kw) -> dict   (filled by the text-encoder work;
-# layout 'hf' for CLIP-L, 'openclip' for SD2's text_encoder / SDXL's text_encoder_2)
+# diffusers stores every text encoder as a transformers CLIPTextModel(WithProjection). For CLIP-L
+# those are already the single-file names; the OpenCLIP towers (SD 2.x text_encoder, SDXL
+# text_encoder_2) are renamed piece by piece, with q/k/v fused into nn.MultiheadAttention's
+# in_proj. Applied in order to each key (after the `text_model.` prefix is dropped).
+_OPENCLIP_RENAMES = [
+    ("embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("final_layer_norm.", "ln_final."),
+    ("encoder.layers.", "transformer.resblocks."),
+    (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+]
+
+
+def text_encoder_from_diffusers(state_dict: dict[str, torch.Tensor], layout: str, **kw) -> dict[str, torch.Tensor]:
+    """A diffusers text_encoder / text_encoder_2 state dict -> minti's names for `layout`
+    ("hf": CLIP-L, "openclip": ViT-H / bigG).
+
+    What the OpenCLIP result lacks compared with a single file: `logit_scale` (never exported;
+    OpenCLIPTextModel fills a default on load, it is unused) and, for SD 2.x, `text_projection`
+    and the 24th block (diffusers exports only the 23 blocks SD 2.x uses, as a plain
+    CLIPTextModel). Its final_layer_norm becomes ln_final, which SD 2.x applies to its output.
+    """
+    # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; older folders and
+    # CLIPTextModelWithProjection (SDXL text_encoder_2) have it
+    sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    if layout == "hf":
+        return {"text_model." + k: v for k, v in sd.items()}  # position_ids may be absent: the module fills it
+    if layout != "openclip":
+        raise ValueError(f"unknown text encoder layout {layout!r}: use 'hf' or 'openclip'")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "embeddings.position_ids":  # OpenCLIP has no such buffer
+            continue
+        if key == "text_projection.weight":  # nn.Linear [out, in] -> OpenCLIP's x @ P with P [in, out]
+            out["text_projection"] = value.t().contiguous()
+            continue
+        if ".self_attn.q_proj." in key:
+            block, kind = key.split(".self_attn.q_proj.")
+            parts = [sd[f"{block}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{block.replace('encoder.layers.', 'transformer.resblocks.')}.attn.in_proj_{kind}"] = torch.cat(parts)
+            continue
+        if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:  # fused with q above
+            continue
+        new = key
+        for old, rep in _OPENCLIP_RENAMES:
+            new = new.replace(old, rep)
+        if new == key:
+            raise ValueError(f"unexpected key {key!r} in an OpenCLIP-layout diffusers text encoder")
+        out[new] = value
+    return out
 
 
 def to_single_file(component: str, state_dict: dict[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:

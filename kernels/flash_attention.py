@@ -1,0 +1,447 @@
+"""Flash attention: softmax(q k^T * scale) v without ever storing the N x N score matrix.
+
+Layout: q [B,H,Nq,D], k/v [B,H,Nk,D] -> out [B,H,Nq,D]. Forward keeps a running max and
+sum per query row (online softmax) and saves only q, k, v, out and the per-row
+log-sum-exp (lse, fp32, [B,H,Nq]). Backward recomputes the probabilities block by block
+from lse: one kernel per key block accumulates dK/dV over all query blocks, a second one
+per query block accumulates dQ over all key blocks (no atomics, deterministic).
+
+Causal masking is top-left aligned like SDPA's is_causal: query i sees keys j <= i, also
+when Nq != Nk. Accumulation is fp32 for every input dtype.
+
+The entry point is a torch custom op (forward and backward are separate ops with fake
+implementations) so the models trace on the meta device and under torch.compile.
+
+This file holds, in order: the float64-friendly reference, the chunked torch path, the
+Triton kernels, the launchers, the custom ops and the public `flash_attention`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import minti.kernels as _k
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (macOS): the torch path still works
+    triton = None
+
+_INTERPRET = _k.triton_interpreted()  # fixed when the kernels below are decorated
+
+
+# ----------------------------------------------------------------------------- reference
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                        scale: float | None = None) -> torch.Tensor:
+    """Naive attention in the inputs' dtype (tests call it in float64). Materialises N x N."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        nq, nk = q.shape[-2], k.shape[-2]
+        keep = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None]
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------- torch path
+
+# Upper bound on B*H*rows*Nk score elements held at once by the torch path (64 MiB in fp32).
+# Tests lower it so the chunk loop runs several times with a ragged tail.
+TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(q: torch.Tensor, nk: int) -> int:
+    b, h, nq, _ = q.shape
+    return max(1, min(nq, TORCH_CHUNK_ELEMENTS // max(1, b * h * nk)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp32 for halves, fp64 stays fp64
+
+
+def _masked_scores(qc: torch.Tensor, k: torch.Tensor, start: int, causal: bool, scale: float) -> torch.Tensor:
+    s = (qc @ k.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(start, start + qc.shape[-2], device=qc.device)
+        keep = torch.arange(k.shape[-2], device=qc.device)[None, :] <= rows[:, None]
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _torch_fwd(q, k, v, causal: bool, scale: float):
+    b, h, nq, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    out = _k.new_output((b, h, nq, d), q.dtype, q.device)
+    lse = _k.new_output((b, h, nq), torch.float32, q.device)
+    kf, vf = k.to(acc), v.to(acc)
+    step = _chunk_rows(q, k.shape[2])
+    for s0 in range(0, nq, step):
+        s = _masked_scores(q[:, :, s0:s0 + step].to(acc), kf, s0, causal, scale)
+        lse_c = torch.logsumexp(s, dim=-1)
+        out[:, :, s0:s0 + step] = (torch.exp(s - lse_c[..., None]) @ vf).to(q.dtype)
+        lse[:, :, s0:s0 + step] = lse_c.float()
+    return out, lse
+
+
+def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    acc = _acc_dtype(q.dtype)
+    kf, vf = k.to(acc), v.to(acc)
+    dq = _k.new_output(q.shape, q.dtype, q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)  # accumulated over query chunks
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    step = _chunk_rows(q, k.shape[2])
+    for s0 in range(0, q.shape[2], step):
+        sl = slice(s0, s0 + step)
+        qc, doc = q[:, :, sl].to(acc), do[:, :, sl].to(acc)
+        delta = (doc * o[:, :, sl].to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O)
+        p = torch.exp(_masked_scores(qc, kf, s0, causal, scale) - lse[:, :, sl, None].to(acc))
+        dv += p.transpose(-1, -2) @ doc
+        ds = p * (doc @ vf.transpose(-1, -2) - delta)
+        dq[:, :, sl] = ((ds @ kf) * scale).to(q.dtype)
+        dk += (ds.transpose(-1, -2) @ qc) * scale
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        """tl.dot with fp32 accumulation. "upcast": Triton's numpy interpreter multiplies bf16
+        operands wrongly, so there they are widened first (already rounded, so the numbers
+        match the GPU's bf16 tensor-core product up to summation order)."""
+        if PRECISION == "upcast":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_n, offs_d,
+                   Nk, qk_scale, D: tl.constexpr, MASK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """One key block of the online softmax. MASK_N=False for blocks fully inside the
+        valid (and, if causal, visible) region: no per-element masking on the hot path."""
+        kn = start_n + offs_n
+        d_ok = offs_d < D
+        if MASK_N:
+            n_ok = kn < Nk
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        s = _dot(q, kt, PRECISION) * qk_scale
+        if MASK_N:
+            ok = kn[None, :] < Nk
+            if CAUSAL:
+                ok = ok & (kn[None, :] <= offs_m[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        # Key 0 is always visible (top-left causal), so m_new is finite after block 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+                  H, Nq, Nk, scale,
+                  CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)  # D padded to a power of two, masked with offs_d < D
+        m_ok = offs_m < Nq
+        d_ok = offs_d < D
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        qk_scale = scale * 1.4426950408889634  # work in base 2: exp2 is the fast instruction
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Key blocks [0, full_end) need no mask; [full_end, hi) do (ragged tail, diagonal).
+        hi = Nk
+        full_end = (Nk // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
+            full_end = tl.minimum(full_end, ((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n,
+                                       offs_m, offs_n, offs_d, Nk, qk_scale, D, False, CAUSAL, PRECISION)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n,
+                                       offs_m, offs_n, offs_d, Nk, qk_scale, D, True, CAUSAL, PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        # lse in natural-log units, the same as the torch path: (m + log2 l) * ln 2.
+        tl.store(LSE + bh * Nq + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+
+    @triton.jit
+    def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Nq,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """delta = rowsum(dO * O), the softmax-backward correction term (fp32)."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                       H, Nq, Nk, scale,
+                       CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program per key block: loop over every query block that can see it."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < Nk
+        d_ok = offs_d < D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        qk_scale = scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = 0
+        if CAUSAL:  # queries before this key block cannot see it
+            lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, Nq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Nq
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
+            lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate without transposing them.
+            st = _dot(k, tl.trans(q), PRECISION) * qk_scale
+            pt = tl.math.exp2(st - lse[None, :])
+            ok = n_ok[:, None] & m_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :])
+            pt = tl.where(ok, pt, 0.0)
+            dv += _dot(pt.to(do.dtype), do, PRECISION)
+            dpt = _dot(v, tl.trans(do), PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, PRECISION)
+        tl.store(DK + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                     H, Nq, Nk, scale,
+                     CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program per query block: loop over every key block it sees."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Nq
+        d_ok = offs_d < D
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
+        qk_scale = scale * 1.4426950408889634
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = Nk
+        if CAUSAL:
+            hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < Nk
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            ok = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(ok, p, 0.0)
+            dp = _dot(do, tl.trans(v), PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+        tl.store(DQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+    # On a GPU, pick block sizes per (Nq, Nk, D) (the autotuner also keys on dtypes). Big
+    # head dims (BLOCK_D 256) need smaller tiles or they run out of shared memory/registers.
+    def _configs(pairs):
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+    def _prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        if block_d >= 256:
+            return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
+        return configs
+
+    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+    _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)])
+    _KEY = ["Nq", "Nk", "D"]
+    _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
+    _attn_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv)
+    _attn_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq)
+
+# The interpreter runs every config it is given, so it gets fixed small blocks instead.
+_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def _block_d(d: int) -> int:
+    if d > 256:
+        raise ValueError(f"flash_attention Triton path supports head dim <= 256, got {d}")
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (TF32 would break the fp32 accuracy promise).
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if _INTERPRET else "tf32"  # "tf32" is ignored for fp16/bf16 operands
+
+
+def _grid(rows: int, block_key: str, b: int, h: int):
+    return lambda m: (triton.cdiv(rows, m[block_key]), b * h)
+
+
+def _pick(kernel, tuned, x: torch.Tensor):
+    if x.is_cuda and not _INTERPRET:
+        return tuned, {}
+    return kernel, dict(_INTERPRET_BLOCKS)
+
+
+def _triton_fwd(q, k, v, causal: bool, scale: float):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    out = _k.new_output((b, h, nq, d), q.dtype, q.device)
+    lse = _k.new_output((b, h, nq), torch.float32, q.device)
+    fn, blocks = _pick(_attn_fwd, _attn_fwd_tuned, q)
+    fn[_grid(nq, "BLOCK_M", b, h)](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, nq, nk, scale, CAUSAL=causal, D=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype), **blocks)
+    return out, lse
+
+
+def _triton_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    block_d = _block_d(d)
+    delta = _k.new_output((b, h, nq), torch.float32, q.device)
+    _attn_bwd_delta[(triton.cdiv(nq, 32), b * h)](
+        o, do, delta, *o.stride(), *do.stride(), h, nq, D=d, BLOCK_D=block_d, BLOCK_M=32)
+    # dq/dk/dv are written contiguous; the kernels index them as [B*H, N, D].
+    dq = _k.new_output((b, h, nq, d), q.dtype, q.device)
+    dk = _k.new_output((b, h, nk, d), k.dtype, q.device)
+    dv = _k.new_output((b, h, nk, d), v.dtype, q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    common = dict(CAUSAL=causal, D=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
+    fn, blocks = _pick(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, q)
+    fn[_grid(nk, "BLOCK_N", b, h)](q, k, v, do, lse, delta, dk, dv, *strides, h, nq, nk, scale, **common, **blocks)
+    fn, blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, q)
+    fn[_grid(nq, "BLOCK_M", b, h)](q, k, v, do, lse, delta, dq, *strides, h, nq, nk, scale, **common, **blocks)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attention expects q, k, v of shape [B, H, N, D]")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    chosen = _k.resolve_backend(backend, q, triton is not None, _INTERPRET)
+    if chosen == "triton" and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attention Triton path supports fp16/bf16/fp32, got {q.dtype}")
+    return chosen == "triton"
+
+
+@torch.library.custom_op("minti::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(backend, q):
+        return _triton_fwd(q, k, v, causal, scale)
+    return _torch_fwd(q, k, v, causal, scale)
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, causal, scale, backend):
+    b, h, nq, d = q.shape
+    return q.new_empty((b, h, nq, d)), q.new_empty((b, h, nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("minti::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, causal: bool, scale: float,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(backend, q):
+        return _triton_bwd(do, q, k, v, o, lse, causal, scale)
+    return _torch_bwd(do, q, k, v, o, lse, causal, scale)
+
+
+@_flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)  # no N x N tensor is ever saved
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _backward(ctx, dout, dlse):
+    # lse is an internal output (never used by the caller), so its gradient is ignored.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T * scale [+ causal mask]) v, memory O(N) in forward and backward.
+
+    q [B,H,Nq,D], k/v [B,H,Nk,D] -> [B,H,Nq,D]; scale defaults to 1/sqrt(D); causal is
+    top-left aligned (query i sees keys j <= i). backend: "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1), "torch" (query-chunked pure torch), "auto" (Triton on CUDA).
+    """
+    _check(q, k, v)
+    if backend not in _k.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {_k.BACKENDS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _flash_attn_fwd(q, k, v, causal, scale, backend)
+    return out

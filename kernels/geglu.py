@@ -1,0 +1,142 @@
+"""GEGLU: a * gelu(gate) with a, gate = x.chunk(2, -1) (exact erf gelu, as diffusers).
+
+x is the output of the feed-forward projection, [..., 2F] with F = 4C (8C wide in all).
+Plain autograd saves x *and* gelu(gate) (or a and gate as views plus the gelu output);
+here forward and backward are one op that saves only x and recomputes gelu(gate) and its
+derivative in the backward: one [..., 2F] tensor per transformer block instead of two.
+
+Math is fp32 whatever the input dtype; results are rounded once to x.dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import minti.kernels as _k
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (macOS): the torch path still works
+    triton = None
+
+_INTERPRET = _k.triton_interpreted()  # fixed when the kernels below are decorated
+
+
+def geglu_reference(x: torch.Tensor) -> torch.Tensor:
+    """Plain autograd GEGLU in x's dtype (tests call it in float64)."""
+    a, gate = x.chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
+# ----------------------------------------------------------------------------- torch path
+
+def _torch_fwd(x: torch.Tensor) -> torch.Tensor:
+    a, gate = x.to(_acc_dtype(x.dtype)).chunk(2, dim=-1)
+    out = _k.new_output(a.shape, x.dtype, x.device)
+    out.copy_(a * F.gelu(gate))
+    return out
+
+
+def _torch_bwd(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    a, gate = x.to(_acc_dtype(x.dtype)).chunk(2, dim=-1)
+    dout = dout.to(a.dtype)
+    cdf = 0.5 * (1.0 + torch.erf(gate * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * gate * gate) * (1.0 / math.sqrt(2.0 * math.pi))
+    f = a.shape[-1]
+    dx = _k.new_output(x.shape, x.dtype, x.device)
+    dx[..., :f] = dout * gate * cdf  # d/da: gelu(gate)
+    dx[..., f:] = dout * a * (cdf + gate * pdf)  # d/dgate: a * gelu'(gate)
+    return dx
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+    @triton.jit
+    def _geglu_fwd(X, OUT, n_out, F_half, stride_row, BLOCK: tl.constexpr):
+        """Elementwise over the [R, F] output; row r of x holds a at [0, F), gate at [F, 2F)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_out
+        row = offs // F_half
+        col = offs % F_half
+        a = tl.load(X + row * stride_row + col, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(X + row * stride_row + F_half + col, mask=mask, other=0.0).to(tl.float32)
+        gelu = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        tl.store(OUT + offs, (a * gelu).to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _geglu_bwd(X, DOUT, DX, n_out, F_half, stride_row, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_out
+        row = offs // F_half
+        col = offs % F_half
+        a = tl.load(X + row * stride_row + col, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(X + row * stride_row + F_half + col, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
+        # dx is written contiguous [R, 2F].
+        tl.store(DX + row * 2 * F_half + col, (do * g * cdf).to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row * 2 * F_half + F_half + col, (do * a * (cdf + g * pdf)).to(DX.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [R, 2F] with unit stride along the last dim (copies only if it must)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _block(x: torch.Tensor) -> int:
+    return 1024 if (x.is_cuda and not _INTERPRET) else 4096  # the interpreter likes big blocks
+
+
+def _triton_fwd(x: torch.Tensor) -> torch.Tensor:
+    x2 = _rows(x)
+    f = x.shape[-1] // 2
+    out = _k.new_output((*x.shape[:-1], f), x.dtype, x.device)
+    n = out.numel()
+    block = _block(x)
+    _geglu_fwd[(triton.cdiv(n, block),)](x2, out, n, f, x2.stride(0), BLOCK=block)
+    return out
+
+
+def _triton_bwd(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    x2 = _rows(x)
+    f = x.shape[-1] // 2
+    dout = dout.contiguous()
+    dx = _k.new_output(x.shape, x.dtype, x.device)
+    n = dout.numel()
+    block = _block(x)
+    _geglu_bwd[(triton.cdiv(n, block),)](x2, dout, dx, n, f, x2.stride(0), BLOCK=block)
+    return dx
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _GEGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
+        ctx.save_for_backward(x)  # the only saved tensor: gelu(gate) is recomputed
+        ctx.use_triton = use_triton
+        return _triton_fwd(x) if use_triton else _torch_fwd(x)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        dx = _triton_bwd(x, dout) if ctx.use_triton else _torch_bwd(x, dout)
+        return dx, None
+
+
+def geglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """a * gelu(gate) for a, gate = x.chunk(2, -1); [..., 2F] -> [..., F]. Saves only x."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu needs an even last dim, got {x.shape[-1]}")
+    use_triton = _k.resolve_backend(backend, x, triton is not None, _INTERPRET) == "triton"
+    return _GEGLU.apply(x, use_triton)

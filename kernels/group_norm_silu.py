@@ -1,0 +1,226 @@
+"""GroupNorm followed by an optional SiLU, fused, with statistics in fp32.
+
+x is [B, C, *spatial] (4D images, or 3D [B, C, L]). Plain autograd would keep x, the
+normalised tensor and the pre-SiLU tensor alive for backward; this op keeps x plus the
+per-group mean and rstd ([B, G] fp32 each) and recomputes the rest.
+
+The affine weight and bias belong to the frozen networks (textual inversion trains only
+the token embedding), so backward returns the input gradient only: weight and bias get
+None, i.e. no gradient, even if they have requires_grad set.
+
+Statistics: each chunk of a group computes its own mean and centred sum of squares
+(two-pass inside the chunk), and the chunks are merged with Chan's parallel formula. This
+spreads one group over many programs (a VAE group at 512^2 has a million elements) without
+the cancellation of E[x^2] - E[x]^2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import minti.kernels as _k
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (macOS): the torch path still works
+    triton = None
+
+_INTERPRET = _k.triton_interpreted()  # fixed when the kernels below are decorated
+
+
+def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                              eps: float, silu: bool = True) -> torch.Tensor:
+    """Plain autograd GroupNorm (+SiLU) in x's dtype (tests call it in float64)."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+# ----------------------------------------------------------------------------- torch path
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, mean, rstd):
+    """Normalised input and affine output, [B, C, S] in the accumulation dtype."""
+    b, c = x.shape[:2]
+    acc = _acc_dtype(x.dtype)
+    xg = x.reshape(b, groups, -1).to(acc)
+    y_hat = ((xg - mean[..., None]) * rstd[..., None]).reshape(b, c, -1)
+    return y_hat, y_hat * weight.to(acc)[:, None] + bias.to(acc)[:, None]
+
+
+def _torch_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
+    b = x.shape[0]
+    xg = x.reshape(b, groups, -1).to(_acc_dtype(x.dtype))
+    mean = xg.mean(-1)
+    rstd = torch.rsqrt(xg.var(-1, unbiased=False) + eps)
+    _, z = _affine(x, weight, bias, groups, mean, rstd)
+    out = _k.new_output(x.shape, x.dtype, x.device)
+    out.copy_((F.silu(z) if silu else z).reshape(x.shape))
+    return out, mean.float(), rstd.float()
+
+
+def _torch_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
+    b, c = x.shape[:2]
+    acc = _acc_dtype(x.dtype)
+    mean, rstd = mean.to(acc), rstd.to(acc)
+    y_hat, z = _affine(x, weight, bias, groups, mean, rstd)
+    dz = dout.reshape(b, c, -1).to(acc)
+    if silu:
+        sig = torch.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    dy_hat = (dz * weight.to(acc)[:, None]).reshape(b, groups, -1)
+    y_hat = y_hat.reshape(b, groups, -1)
+    # d/dx of (x - mean) * rstd over a group of size M.
+    c1 = dy_hat.mean(-1, keepdim=True)
+    c2 = (dy_hat * y_hat).mean(-1, keepdim=True)
+    dx = _k.new_output(x.shape, x.dtype, x.device)
+    dx.copy_(((dy_hat - c1 - y_hat * c2) * rstd[..., None]).reshape(x.shape))
+    return dx
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+    @triton.jit
+    def _gn_stats(X, COUNT, MEAN, M2, M, n_chunks, CHUNK: tl.constexpr):
+        """Per (group, chunk): element count, mean and centred sum of squares, fp32."""
+        bg = tl.program_id(0).to(tl.int64)
+        ch = tl.program_id(1)
+        offs = ch * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < M
+        x = tl.load(X + bg * M + offs, mask=mask, other=0.0).to(tl.float32)
+        n = tl.minimum(M - ch * CHUNK, CHUNK).to(tl.float32)
+        mean = tl.sum(x, 0) / n
+        d = tl.where(mask, x - mean, 0.0)
+        tl.store(COUNT + bg * n_chunks + ch, n)
+        tl.store(MEAN + bg * n_chunks + ch, mean)
+        tl.store(M2 + bg * n_chunks + ch, tl.sum(d * d, 0))
+
+    @triton.jit
+    def _gn_fwd(X, W, B, MEAN, RSTD, OUT, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
+        bg = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < M
+        chan = (bg % G) * (C // G) + offs // S  # channel of each element of the group
+        x = tl.load(X + bg * M + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + chan, mask=mask, other=0.0).to(tl.float32)
+        z = (x - tl.load(MEAN + bg)) * tl.load(RSTD + bg) * w + b
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(OUT + bg * M + offs, z.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gn_dy_hat(X, DOUT, W, B, MEAN, RSTD, i, M, S, C, G, mask, offs, SILU: tl.constexpr):
+        """Gradient w.r.t. the normalised input y_hat, and y_hat itself (recomputed)."""
+        bg = i
+        chan = (bg % G) * (C // G) + offs // S
+        x = tl.load(X + bg * M + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + chan, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DOUT + bg * M + offs, mask=mask, other=0.0).to(tl.float32)
+        y_hat = (x - tl.load(MEAN + bg)) * tl.load(RSTD + bg)
+        if SILU:
+            z = y_hat * w + b
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        return dz * w, y_hat
+
+    @triton.jit
+    def _gn_bwd_sums(X, DOUT, W, B, MEAN, RSTD, SUM1, SUM2, M, S, C, G, n_chunks,
+                     SILU: tl.constexpr, CHUNK: tl.constexpr):
+        """Per (group, chunk): sum(dy_hat) and sum(dy_hat * y_hat)."""
+        bg = tl.program_id(0).to(tl.int64)
+        ch = tl.program_id(1)
+        offs = ch * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < M
+        dy, y_hat = _gn_dy_hat(X, DOUT, W, B, MEAN, RSTD, bg, M, S, C, G, mask, offs, SILU)
+        dy = tl.where(mask, dy, 0.0)
+        tl.store(SUM1 + bg * n_chunks + ch, tl.sum(dy, 0))
+        tl.store(SUM2 + bg * n_chunks + ch, tl.sum(dy * y_hat, 0))
+
+    @triton.jit
+    def _gn_bwd_dx(X, DOUT, W, B, MEAN, RSTD, C1, C2, DX, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
+        bg = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < M
+        dy, y_hat = _gn_dy_hat(X, DOUT, W, B, MEAN, RSTD, bg, M, S, C, G, mask, offs, SILU)
+        dx = (dy - tl.load(C1 + bg) - y_hat * tl.load(C2 + bg)) * tl.load(RSTD + bg)
+        tl.store(DX + bg * M + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _chunk(x: torch.Tensor) -> int:
+    return 2048 if (x.is_cuda and not _INTERPRET) else 1024
+
+
+def _triton_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
+    b, c = x.shape[:2]
+    m = x.numel() // (b * groups)  # elements per group (contiguous in x)
+    s = m * groups // c  # spatial size
+    chunk = _chunk(x)
+    n_chunks = triton.cdiv(m, chunk)
+    grid = (b * groups, n_chunks)
+    count, cmean, m2 = (torch.empty((b * groups, n_chunks), dtype=torch.float32, device=x.device) for _ in range(3))
+    _gn_stats[grid](x, count, cmean, m2, m, n_chunks, CHUNK=chunk)
+    # Chan's merge of the chunk statistics: a few floats per group, fine in torch.
+    mean = (count * cmean).sum(1) / m
+    var = (m2.sum(1) + (count * (cmean - mean[:, None]) ** 2).sum(1)) / m
+    rstd = torch.rsqrt(var + eps)
+    out = _k.new_output(x.shape, x.dtype, x.device)
+    _gn_fwd[grid](x, weight, bias, mean, rstd, out, m, s, c, groups, SILU=silu, CHUNK=chunk)
+    return out, mean.view(b, groups), rstd.view(b, groups)
+
+
+def _triton_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
+    b, c = x.shape[:2]
+    m = x.numel() // (b * groups)
+    s = m * groups // c
+    chunk = _chunk(x)
+    n_chunks = triton.cdiv(m, chunk)
+    grid = (b * groups, n_chunks)
+    dout = dout.contiguous()
+    mean, rstd = mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous()
+    sum1, sum2 = (torch.empty((b * groups, n_chunks), dtype=torch.float32, device=x.device) for _ in range(2))
+    _gn_bwd_sums[grid](x, dout, weight, bias, mean, rstd, sum1, sum2, m, s, c, groups, n_chunks, SILU=silu, CHUNK=chunk)
+    c1 = sum1.sum(1) / m
+    c2 = sum2.sum(1) / m
+    dx = _k.new_output(x.shape, x.dtype, x.device)
+    _gn_bwd_dx[grid](x, dout, weight, bias, mean, rstd, c1, c2, dx, m, s, c, groups, SILU=silu, CHUNK=chunk)
+    return dx
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float, silu: bool, use_triton: bool):
+        fwd = _triton_fwd if use_triton else _torch_fwd
+        out, mean, rstd = fwd(x, weight, bias, groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)  # x + two [B, G] fp32 tensors
+        ctx.groups, ctx.silu, ctx.use_triton = groups, silu, use_triton
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        bwd = _triton_bwd if ctx.use_triton else _torch_bwd
+        dx = bwd(dout, x, weight, bias, mean, rstd, ctx.groups, ctx.silu)
+        # Frozen affine parameters: no weight/bias gradient by design (see module docstring).
+        return dx, None, None, None, None, None, None
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                    silu: bool = True, backend: str = "auto") -> torch.Tensor:
+    """GroupNorm(groups, eps, affine) then SiLU if silu; x [B, C, *spatial].
+
+    Statistics in fp32, output in x.dtype. Differentiable in x only (weight/bias frozen).
+    """
+    if x.dim() < 3 or x.shape[1] % groups:
+        raise ValueError(f"group_norm_silu needs x [B, C, *spatial] with C % groups == 0, got {tuple(x.shape)}")
+    use_triton = _k.resolve_backend(backend, x, triton is not None, _INTERPRET) == "triton"
+    if use_triton:
+        x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    return _GroupNormSiLU.apply(x, weight, bias, groups, eps, silu, use_triton)

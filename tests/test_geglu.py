@@ -1,0 +1,74 @@
+"""GEGLU (Triton through the CPU interpreter, and torch) against float64 a * gelu(gate):
+forward and input gradient, ragged sizes, strided rows, only x saved."""
+import importlib
+
+import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
+from kernel_testing import poisoned  # noqa: F401  (fixture)
+import pytest
+import torch
+
+gg = importlib.import_module("minti.kernels.geglu")
+
+# 37 * 160 = 5920 outputs: two 4096-wide interpreter blocks, the second ragged.
+SHAPES = [(1, 37, 320), (2, 3, 5, 48)]
+
+
+def _check(x, dout, backend):
+    xl = x.detach().clone().requires_grad_()
+    out = gg.geglu(xl, backend=backend)
+    out.backward(dout)
+    xr = x.detach().double().requires_grad_()
+    ref = gg.geglu_reference(xr)
+    ref.backward(dout.double())
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], x.shape[-1] // 2)
+    tol = kt.TOL[x.dtype]
+    assert kt.rel_err(out, ref) <= tol, f"out {kt.rel_err(out, ref):.2e}"
+    assert kt.rel_err(xl.grad, xr.grad) <= tol, f"dx {kt.rel_err(xl.grad, xr.grad):.2e}"
+
+
+@pytest.mark.parametrize("backend", kt.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["3d", "4d"])
+def test_forward_and_input_grad_match_float64_reference(shape, dtype, backend, poisoned):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (2 * torch.randn(shape, generator=g)).to(dtype)
+    dout = torch.randn(*shape[:-1], shape[-1] // 2, generator=g).to(dtype)
+    _check(x, dout, backend)
+
+
+@pytest.mark.parametrize("backend", kt.BACKENDS)
+def test_strided_rows_and_non_contiguous_output_grad(backend, poisoned):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 11, 100, generator=g)[..., :64]  # row stride 100, not 64
+    dout = torch.randn(3, 32, 11, generator=g).transpose(1, 2)
+    assert not x.is_contiguous() and not dout.is_contiguous()
+    _check(x, dout, backend)
+
+
+@pytest.mark.parametrize("backend", kt.BACKENDS)
+def test_only_the_input_is_saved_for_backward(backend):
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gg.geglu(x, backend=backend)
+    assert len(saved) == 1 and saved[0] is x
+
+
+def test_runs_on_meta_device_with_right_shape():
+    x = torch.empty(2, 4096, 2560, device="meta", dtype=torch.float16, requires_grad=True)
+    for backend in ("auto", "triton", "torch"):
+        out = gg.geglu(x, backend=backend)
+        assert out.device.type == "meta" and out.shape == (2, 4096, 1280) and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_triton_backend_raises_clearly_without_triton(monkeypatch):
+    monkeypatch.setattr(gg, "triton", None)  # as if `import triton` had failed
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        gg.geglu(torch.randn(2, 8), backend="triton")
+
+
+def test_odd_last_dim_is_rejected():
+    with pytest.raises(ValueError, match="even"):
+        gg.geglu(torch.randn(2, 7))

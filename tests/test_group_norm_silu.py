@@ -1,0 +1,83 @@
+"""Fused GroupNorm+SiLU (Triton through the CPU interpreter, and torch) against float64
+F.group_norm + F.silu: forward and input gradient, several chunks per group."""
+import importlib
+
+import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
+from kernel_testing import poisoned  # noqa: F401  (fixture)
+import pytest
+import torch
+
+gn = importlib.import_module("minti.kernels.group_norm_silu")
+
+# (shape, groups): 1144 and 16384 elements per group span 2 and 16 chunks of 1024 with a
+# ragged tail / none; the 3D case is a [B, C, L] sequence.
+CASES = [((2, 64, 13, 11), 8), ((1, 8, 64, 64), 2), ((1, 32, 77), 4)]
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    # Offset mean: the statistics must not lose precision to cancellation.
+    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)
+    w = (1 + 0.5 * torch.randn(c, generator=g)).to(dtype)
+    b = (0.5 * torch.randn(c, generator=g)).to(dtype)
+    dout = torch.randn(shape, generator=g).to(dtype)
+    return x, w, b, dout
+
+
+@pytest.mark.parametrize("backend", kt.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "plain"])
+@pytest.mark.parametrize("shape,groups", CASES, ids=["4d", "4d-long-groups", "3d"])
+def test_forward_and_input_grad_match_float64_reference(shape, groups, silu, dtype, backend, poisoned):
+    x, w, b, dout = _inputs(shape, dtype, seed=len(shape) + groups)
+    xl = x.clone().requires_grad_()
+    out = gn.group_norm_silu(xl, w, b, groups, 1e-5, silu=silu, backend=backend)
+    out.backward(dout)
+    xr = x.double().requires_grad_()
+    ref = gn.group_norm_silu_reference(xr, w.double(), b.double(), groups, 1e-5, silu=silu)
+    ref.backward(dout.double())
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = kt.TOL[dtype]
+    assert kt.rel_err(out, ref) <= tol, f"out {kt.rel_err(out, ref):.2e}"
+    assert kt.rel_err(xl.grad, xr.grad) <= tol, f"dx {kt.rel_err(xl.grad, xr.grad):.2e}"
+
+
+@pytest.mark.parametrize("backend", kt.BACKENDS)
+def test_frozen_affine_gets_no_gradient_and_only_x_plus_group_stats_are_saved(backend):
+    x, w, b, dout = _inputs((2, 16, 5, 7), torch.float32, seed=0)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = gn.group_norm_silu(x, w, b, 4, 1e-6, backend=backend)
+    out.backward(dout)
+    assert x.grad is not None and w.grad is None and b.grad is None  # documented: frozen weights
+    # x itself, the (already resident) weight and bias, mean and rstd of shape [B, G].
+    fresh = [t for t in saved if not any(t is p for p in (x, w, b))]
+    assert sorted(t.shape for t in fresh) == [(2, 4), (2, 4)]
+    assert sum(t.numel() for t in saved) == x.numel() + w.numel() + b.numel() + 2 * 2 * 4
+
+
+def test_runs_on_meta_device_with_right_shape():
+    x = torch.empty(2, 320, 64, 64, device="meta", dtype=torch.float16, requires_grad=True)
+    w = torch.empty(320, device="meta", dtype=torch.float16)
+    for backend in ("auto", "triton", "torch"):
+        out = gn.group_norm_silu(x, w, w, 32, 1e-5, backend=backend)
+        assert out.device.type == "meta" and out.shape == x.shape and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_triton_backend_raises_clearly_without_triton(monkeypatch):
+    monkeypatch.setattr(gn, "triton", None)  # as if `import triton` had failed
+    x, w, b, _ = _inputs((1, 8, 4, 4), torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        gn.group_norm_silu(x, w, b, 2, 1e-5, backend="triton")
+
+
+def test_channels_not_divisible_by_groups_is_rejected():
+    x = torch.randn(1, 10, 4, 4)
+    with pytest.raises(ValueError, match="groups"):
+        gn.group_norm_silu(x, torch.ones(10), torch.zeros(10), 4, 1e-5)

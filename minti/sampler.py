@@ -94,19 +94,19 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def latent_factor(sd) -> int:
+    """Pixels per latent pixel: 2 per VAE level below the first (8 for every real SD VAE)."""
+    cfg = getattr(sd.vae, "cfg", None) if sd.vae is not None else None
+    return 2 ** (len(cfg.ch_mult) - 1) if cfg is not None else 8
+
+
 def latent_shape(sd, height: int, width: int) -> tuple[int, int, int]:
     """(channels, h, w) of the latents for an image of height x width."""
-    factor = int(getattr(sd, "vae_factor", 0) or _vae_factor(sd))
+    factor = latent_factor(sd)
     if height % factor or width % factor:
         raise ValueError(f"image size {width}x{height} must be a multiple of {factor}")
-    channels = int(getattr(sd, "latent_channels", 0) or getattr(getattr(sd.unet, "config", None), "in_channels", 4))
+    channels = getattr(getattr(sd.unet, "cfg", None), "in_channels", 4)
     return channels, height // factor, width // factor
-
-
-def _vae_factor(sd) -> int:
-    config = getattr(getattr(sd, "vae", None), "config", None)
-    mult = getattr(config, "ch_mult", None)
-    return 2 ** (len(mult) - 1) if mult else 8
 
 
 def default_size(sd) -> int:
@@ -121,15 +121,17 @@ def default_size(sd) -> int:
 @torch.no_grad()
 def generate(sd, prompts: list[str], *, extra: list[torch.Tensor] | None = None, negative: str = "",
              steps: int = 30, cfg: float = 7.5, seeds: list[int] | None = None, height: int | None = None,
-             width: int | None = None, method: str = "ddim") -> torch.Tensor:
+             width: int | None = None, method: str = "ddim", shape: tuple[int, int, int] | None = None
+             ) -> torch.Tensor:
     """Sample latents for `prompts` (placeholders already registered with sd.add_placeholder and
-    their vectors in `extra`). Returns latents [B,C,h,w] float32; decode with sd.decode_latents."""
+    their vectors in `extra`). Returns latents [B,C,h,w] float32; decode with sd.decode_latents.
+    `shape` (C, h, w) skips asking the VAE for the latent size (training previews know it)."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}: use {' or '.join(SAMPLERS)}")
     height = height or default_size(sd)
     width = width or default_size(sd)
     seeds = list(range(len(prompts))) if seeds is None else seeds
-    noise = initial_noise(seeds, latent_shape(sd, height, width)).to(sd.device)
+    noise = initial_noise(seeds, shape or latent_shape(sd, height, width)).to(sd.device)
     guided = cfg != 1.0
     texts = ([negative] * len(prompts) if guided else []) + list(prompts)
     extra_dev = None if extra is None else [v.to(sd.device, sd.dtype) for v in extra]

@@ -314,9 +314,7 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
 def _block_d(d: int) -> int:
-    if d > 256:
-        raise ValueError(f"flash_attention Triton path supports head dim <= 256, got {d}")
-    return max(16, triton.next_power_of_2(d))
+    return max(16, triton.next_power_of_2(d))  # tl.arange needs a power of two; tl.dot K >= 16
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -352,6 +350,7 @@ def _triton_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     b, h, nq, d = q.shape
     nk = k.shape[2]
     block_d = _block_d(d)
+    do = do.to(q.dtype)  # autograd hands back out.dtype; the dots need one dtype anyway
     delta = _k.new_output((b, h, nq), torch.float32, q.device)
     _attn_bwd_delta[(triton.cdiv(nq, 32), b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, nq, D=d, BLOCK_D=block_d, BLOCK_M=32)
@@ -381,8 +380,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _use_triton(backend: str, q: torch.Tensor) -> bool:
     chosen = _k.resolve_backend(backend, q, triton is not None, _INTERPRET)
-    if chosen == "triton" and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"flash_attention Triton path supports fp16/bf16/fp32, got {q.dtype}")
+    supported = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+    if chosen == "triton" and not supported:
+        if backend == "auto":  # e.g. float64 on CUDA: quietly take the torch path
+            return False
+        raise ValueError(f"flash_attention Triton path supports fp16/bf16/fp32 and head dim <= 256, "
+                         f"got {q.dtype} and {q.shape[-1]}")
     return chosen == "triton"
 
 
@@ -411,7 +414,8 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @_flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Both paths return contiguous gradients, whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

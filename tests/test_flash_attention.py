@@ -131,6 +131,17 @@ def test_meta_tensors_take_the_fake_path_for_any_backend_and_unknown_backend_is_
         fa.flash_attention(q, q, q, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", kt.BACKENDS)
+def test_float64_and_head_dims_over_256_fall_back_under_auto_and_raise_under_triton(backend):
+    for dtype, d in ((torch.float64, 16), (torch.float32, 264)):
+        q = torch.randn(1, 1, 5, d, dtype=dtype)
+        ref = fa.attention_reference(q.double(), q.double(), q.double())
+        assert kt.rel_err(fa.flash_attention(q, q, q, backend="auto"), ref) <= 1e-5
+        if backend == "triton":
+            with pytest.raises(ValueError, match="head dim <= 256"):
+                fa.flash_attention(q, q, q, backend="triton")
+
+
 def test_package_imports_and_runs_with_triton_missing():
     # A fresh interpreter where `import triton` fails, as on macOS or a CPU-only install.
     code = """

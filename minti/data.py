@@ -73,7 +73,7 @@ def find_images(folder: str | Path) -> list[Path]:
 
 
 def read_image(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode any supported file to ([3,H,W] RGB in [0,1], [1,H,W] alpha or None).
+    """Decode any supported file to ([3,H,W] RGB in [0,1], [1,H,W] alpha or None), not composited.
 
     EXIF orientation applied; grayscale, palette, CMYK and 16-bit images converted. Raises
     OSError/ValueError (from PIL) for unreadable files.
@@ -142,6 +142,9 @@ def load_images(folder: str | Path) -> list[SourceImage]:
         if rgb.shape[1] < 1 or rgb.shape[2] < 1:
             log.warning("skipping %s: the image is empty", path)
             continue
+        if alpha is not None:
+            # composite before any resampling: filtering the composite has no dark fringes at edges
+            rgb = rgb * alpha + (1.0 - alpha)
         images.append(SourceImage(path, rgb, alpha, read_caption(path)))
     if not images:
         raise ValueError(f"no readable image in {folder}: every file failed to decode (see the warnings "
@@ -229,8 +232,6 @@ class TrainingData:
         im = self.images[index]
         rgb = resize_short_side(im.rgb, self.resolution)
         alpha = resize_short_side(im.alpha, self.resolution) if im.alpha is not None else None
-        if alpha is not None:
-            rgb = rgb * alpha + (1.0 - alpha)  # composite on white: transparent areas become plain background
         return rgb, alpha
 
     @torch.no_grad()

@@ -114,9 +114,8 @@ if triton is not None:
         tl.store(OUT + bg * M + offs, z.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gn_dy_hat(X, DOUT, W, B, MEAN, RSTD, i, M, S, C, G, mask, offs, SILU: tl.constexpr):
+    def _gn_dy_hat(X, DOUT, W, B, MEAN, RSTD, bg, M, S, C, G, mask, offs, SILU: tl.constexpr):
         """Gradient w.r.t. the normalised input y_hat, and y_hat itself (recomputed)."""
-        bg = i
         chan = (bg % G) * (C // G) + offs // S
         x = tl.load(X + bg * M + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)

@@ -72,3 +72,12 @@ def test_triton_backend_raises_clearly_without_triton(monkeypatch):
 def test_odd_last_dim_is_rejected():
     with pytest.raises(ValueError, match="even"):
         gg.geglu(torch.randn(2, 7))
+
+
+def test_traces_under_torch_compile():
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    compiled = torch.compile(lambda x: gg.geglu(x, backend="torch"), backend="aot_eager", fullgraph=True)
+    compiled(x).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    gg.geglu_reference(xr).sum().backward()
+    assert kt.rel_err(x.grad, xr.grad) <= 1e-5

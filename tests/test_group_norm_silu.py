@@ -81,3 +81,14 @@ def test_channels_not_divisible_by_groups_is_rejected():
     x = torch.randn(1, 10, 4, 4)
     with pytest.raises(ValueError, match="groups"):
         gn.group_norm_silu(x, torch.ones(10), torch.zeros(10), 4, 1e-5)
+
+
+def test_traces_under_torch_compile():
+    x, w, b, _ = _inputs((1, 8, 5, 6), torch.float32, seed=2)
+    x.requires_grad_()
+    compiled = torch.compile(lambda x: gn.group_norm_silu(x, w, b, 4, 1e-5, backend="torch"),
+                             backend="aot_eager", fullgraph=True)
+    compiled(x).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    gn.group_norm_silu_reference(xr, w.double(), b.double(), 4, 1e-5).sum().backward()
+    assert kt.rel_err(x.grad, xr.grad) <= 1e-5

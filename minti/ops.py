@@ -47,7 +47,9 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
                     eps: float, silu: bool = True) -> torch.Tensor:
     """GroupNorm (statistics in fp32) optionally followed by SiLU, as in every ResBlock."""
     kernel = _kernel("group_norm_silu")
-    if kernel is not None:
+    # The fused kernel has no weight gradient (frozen in textual inversion); a model being
+    # trained (the tiny demo model's build) takes the plain path.
+    if kernel is not None and not (weight.requires_grad or bias.requires_grad):
         return kernel(x, weight, bias, groups, eps, silu=silu, backend=BACKEND)
     y = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype)
     return F.silu(y) if silu else y

@@ -60,3 +60,11 @@ def test_tracer_counts_a_tiny_step_as_by_hand():
     hidden = 64 * 1024 * 4
     expected = weights + inputs + 3 * hidden + 64 * 256 * 4 + 2 * 4
     assert tracer.peak_bytes == expected, (tracer.peak_bytes, expected, tracer.peak_breakdown())
+
+
+def test_group_norm_gives_weight_gradients_when_weights_are_trained():
+    x = torch.randn(2, 8, 4, 4)
+    w = torch.ones(8, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    ops.group_norm_silu(x, w, b, 4, 1e-5).sum().backward()
+    assert w.grad is not None and b.grad is not None and w.grad.abs().sum() > 0

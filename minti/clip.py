@@ -40,6 +40,7 @@ class TextEncoderConfig:
     pad_token_id: int = 49407  # CLIP-L pads with EOS, the OpenCLIP towers with 0
     eos_token_id: int = 49407  # the pooled output is read at the first EOS
     mlp_width: int | None = None  # None: 4 * width (true of every CLIP text tower)
+    pooled: bool = True  # compute the pooled projection when the tower has one (SDXL's bigG needs it)
 
     @property
     def hidden(self) -> int:
@@ -76,7 +77,8 @@ class TextEncoderConfig:
 
 CLIP_L_SD1 = TextEncoderConfig()
 OPENCLIP_H_SD2 = TextEncoderConfig(layout="openclip", width=1024, layers=24, heads=16, activation="gelu",
-                                   projection_dim=1024, layer="penultimate", final_norm=True, pad_token_id=0)
+                                   projection_dim=1024, layer="penultimate", final_norm=True, pad_token_id=0,
+                                   pooled=False)  # SD 2.x never uses it: skip the last block
 CLIP_L_SDXL = TextEncoderConfig(layer="penultimate", final_norm=False)
 OPENCLIP_BIGG_SDXL = TextEncoderConfig(layout="openclip", width=1280, layers=32, heads=20, activation="gelu",
                                        projection_dim=1280, layer="penultimate", final_norm=False, pad_token_id=0)
@@ -311,9 +313,10 @@ class OpenCLIPTextModel(nn.Module):
         penultimate = x
         pooled = None
         # the last block runs only when its output is used: SD 2.x skips it, SDXL needs it to pool
-        if self.cfg.layer == "last" or self.text_projection is not None:
+        want_pooled = self.text_projection is not None and self.cfg.pooled
+        if self.cfg.layer == "last" or want_pooled:
             x = blocks[-1](x)
-            if self.text_projection is not None:
+            if want_pooled:
                 eos = eos_positions(tokens, self.cfg.eos_token_id)
                 pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eos]) @ self.text_projection
         hidden = x if self.cfg.layer == "last" else penultimate

@@ -86,6 +86,7 @@ def _text_config(shapes: dict, family: str, part: str, fmt: str):
     # activation, hidden layer and padding are conventions, not shapes: take them from the preset.
     # Heads: 64-wide in every CLIP tower (12 / 16 / 20); a narrower test tower gets one head.
     cfg = dataclasses.replace(cfg, activation=preset.activation, layer=preset.layer, final_norm=preset.final_norm,
+                              pooled=preset.pooled,
                               pad_token_id=preset.pad_token_id, heads=max(1, cfg.width // 64))
     if family == "sd2" and fmt == "diffusers":
         # diffusers ships SD 2.x's OpenCLIP-H with its last block already removed (23 of 24):

@@ -84,8 +84,9 @@ def test_meta_model_keys_and_shapes_equal_the_checkpoint_manifest(name):
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_config_inferred_from_manifest_equals_the_preset(name):
     cfg, layout, prefix = MANIFESTS[name]
+    # which state conditions the UNet, and whether the pooled output is used, are conventions
     inferred = TextEncoderConfig.from_state_dict(read_layout(layout, prefix), cfg.layout,
-                                                 layer=cfg.layer, final_norm=cfg.final_norm)
+                                                 layer=cfg.layer, final_norm=cfg.final_norm, pooled=cfg.pooled)
     assert inferred == cfg
 
 
@@ -346,3 +347,16 @@ def test_placeholder_without_enough_extra_rows_is_a_clear_error(hf_clip):
         model(tokens)
     with pytest.raises(ValueError, match="extra_embeddings"):
         model(tokens, torch.zeros(2, 64))
+
+
+def test_sd2_text_encoder_skips_its_last_block_when_pooled_is_unused():
+    import dataclasses
+
+    from minti.clip import OPENCLIP_H_SD2
+
+    cfg = dataclasses.replace(OPENCLIP_H_SD2, width=32, layers=3, heads=2, mlp_width=64, projection_dim=16)
+    model = build_text_encoder(cfg)
+    ran = []
+    model.transformer.resblocks[-1].register_forward_hook(lambda *a: ran.append(1))
+    _, pooled = model(torch.full((1, 77), 49407))
+    assert pooled is None and not ran

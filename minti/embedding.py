@@ -173,8 +173,8 @@ def _read(path: Path) -> dict:
         except pickle.UnpicklingError as e:
             raise ValueError(f"refusing to load {path}: its pickle needs more than plain tensors ({e}). "
                              "Convert it to .safetensors with a trusted tool first") from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(f"cannot read {path}: {e}; the file is damaged or not a torch file") from None
+        except Exception as e:  # torch raises many kinds (struct.error, RuntimeError, EOFError, ...) for junk
+            raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}; the file is damaged or not a torch file") from None
     raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt or .bin")
 
 

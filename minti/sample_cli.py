@@ -60,7 +60,7 @@ def register_embeddings(sd, paths: list[str], prompt: str, token: str | None = N
             raise UserError(f"{path} holds {emb.dims}-wide vectors but this {sd.family} model's text encoders are "
                             f"{list(sd.embedding_dims)}: use an embedding trained for {sd.family}")
         word = emb.token
-        if token is None and word not in prompt and f"<{word}>" in prompt:
+        if token is None and not word.startswith("<") and f"<{word}>" in prompt:
             word = f"<{word}>"  # our files are <name>.pt for the token <name>
         if word not in prompt:
             logging.getLogger("minti").warning("the prompt does not contain %r: %s has no effect", word, path)

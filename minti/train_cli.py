@@ -148,8 +148,8 @@ def load_model(model: str, device: str | None, dtype: str | None, prediction: st
 class Progress:
     """One carriage-return line on a terminal; a line every ~5% when stderr is a file/pipe."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.recent: list[float] = []
         self.skipped = 0
@@ -187,12 +187,21 @@ class Progress:
             self.stream.flush()
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (not the one bound when the CLI first ran)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging() -> None:
     logger = logging.getLogger("minti")
-    if not any(getattr(h, "_minti", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("minti: %(levelname)s: %(message)s"))
-        handler._minti = True
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.INFO)

@@ -318,6 +318,7 @@ class _Run:
                                      repeats=cfg.repeats)
         except ValueError as e:
             raise UserError(str(e)) from None
+        self._check_prompt_length(templates, images)
         self.preview_prompt = cfg.preview_prompt or tpl.fill(templates[0], cfg.token)
         if cfg.preview_prompt and cfg.token not in cfg.preview_prompt:
             log.warning("--preview-prompt %r does not contain %s: previews will not show the concept",
@@ -332,6 +333,17 @@ class _Run:
         if resume_state is not None:
             self._apply_resume(resume_state)
         self.acp = schedules.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
+
+    def _check_prompt_length(self, templates: list[str], images) -> None:
+        # The text encoder sees 75 tokens; vectors pushed past that are cut off and never trained.
+        tokenizer = self.sd.tokenizers[0]
+        captions = {im.caption for im in images} or {""}
+        longest = max(len(tokenizer.tokenize_words(tpl.fill(t, self.config.token, c)))
+                      for t in templates for c in captions)
+        if longest > MAX_VECTORS:
+            log.warning("the longest training prompt is %d tokens; CLIP reads 75, so the rest (possibly some of "
+                        "the %d vectors) is cut off: use fewer --vectors, shorter captions or templates",
+                        longest, self.n_vectors)
 
     def _read_resume(self) -> dict:
         folder = Path(self.config.resume)
@@ -580,7 +592,8 @@ def _loop(run: _Run, stop: _Stop) -> Embedding:
             except _Diverged as e:
                 files = run.save()
                 where = f"; the embedding from step {run.step} is in {run.out}" if files else ""
-                raise UserError(f"the loss became {e.loss} at step {run.step + 1} (diverged){where}. Lower --lr, "
+                raise UserError(f"the loss or its gradient became non-finite at step {run.step + 1} (loss {e.loss}; "
+                                f"diverged){where}. Lower --lr, "
                                 "add --max-grad-norm 1, or train in float32") from None
             run.step += 1
             run.last_loss = loss

@@ -153,7 +153,7 @@ class Progress:
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.recent: list[float] = []
         self.skipped = 0
-        self.last_print = 0.0
+        self.open_line = False  # a carriage-return line is on screen without its newline
 
     def __call__(self, info) -> None:
         import math
@@ -170,8 +170,7 @@ class Progress:
             line += f"  scale {info.loss_scale:.0f}" + (f" ({self.skipped} skipped)" if self.skipped else "")
         if self.tty:
             self.stream.write("\r" + line.ljust(100)[:160])
-            if info.step >= info.total:
-                self.stream.write("\n")
+            self.open_line = True
         else:
             every = max(1, info.total // 20)
             if info.step % every == 0 or info.step >= info.total:
@@ -182,9 +181,10 @@ class Progress:
         return sum(self.recent) / len(self.recent) if self.recent else float("nan")
 
     def close(self) -> None:
-        if self.tty:
+        if self.open_line:
             self.stream.write("\n")
             self.stream.flush()
+            self.open_line = False
 
 
 class _StderrHandler(logging.Handler):
@@ -219,13 +219,22 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     load, config = resolve(args)
     started = time.perf_counter()
-    sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"])
+    try:
+        sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"])
+    except KeyboardInterrupt:  # before training there is nothing to save
+        print("minti train: interrupted while loading the model; nothing saved", file=sys.stderr)
+        return 130
     if sd.family == "sdxl":
         logging.getLogger("minti").warning("SDXL training is experimental in this version (two text encoders, "
                                            "saved as clip_l/clip_g)")
     progress = Progress()
     try:
         emb = train(sd, config, on_step=progress)
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: saves are atomic, the last one stands
+        progress.close()
+        kept = " (the last save there is intact)" if (Path(config.output) / "state.pt").exists() else ""
+        print(f"minti train: interrupted; nothing more saved in {config.output}{kept}", file=sys.stderr)
+        return 130
     finally:
         progress.close()
     out = Path(config.output)

@@ -337,3 +337,25 @@ def test_training_on_one_image_lowers_its_heldout_denoising_loss(sd1, tmp_path):
     # measured on this narrow random model: seeds 0-2 give after/before 0.974-0.981, a random
     # move 0.995; lr=0 gives exactly 1.0
     assert after < 0.99 * before and after < moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_train_fp32_vectors_and_stay_frozen(ckpts, images, tmp_path, dtype):
+    sd = minti.load(ckpts["sd1"], dtype=dtype, device="cpu")
+    before = frozen(sd)
+    emb = train(sd, cfg(images, tmp_path, token="<half>", steps=2))
+    after = frozen(sd)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert emb.vectors[0].dtype == torch.float32 and torch.isfinite(emb.vectors[0]).all()
+    log = [json.loads(x) for x in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    # fp16 turns dynamic loss scaling on by default; bf16 has fp32's range and needs none
+    assert [r["loss_scale"] for r in log] == ([2.0 ** 16] * 2 if dtype == torch.float16 else [None, None])
+
+
+def test_sdxl_trains_both_encoders_and_saves_clip_l_clip_g(images, tmp_path):
+    sd = minti.load(make_single_file(tmp_path, "sdxl"), dtype=torch.float32, device="cpu")
+    emb = train(sd, cfg(images, tmp_path / "run", token="<xl>", vectors=2, steps=2))
+    assert [tuple(v.shape) for v in emb.vectors] == [(2, d) for d in sd.embedding_dims]
+    st = load_file(tmp_path / "run" / "xl.safetensors")
+    assert sorted(st) == ["clip_g", "clip_l"] and torch.equal(st["clip_g"], emb.vectors[1])
+    assert not (tmp_path / "run" / "xl.pt").exists()

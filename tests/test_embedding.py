@@ -204,3 +204,21 @@ def test_diffusers_load_textual_inversion_reads_our_a1111_safetensors(tmp_path, 
     # A1111 safetensors carry no token name, so diffusers needs token= (as its docs say).
     pipe.load_textual_inversion(str(tmp_path / "my-cat.safetensors"), token="my-cat")
     torch.testing.assert_close(loaded_rows(pipe, "my-cat", 2), emb.vectors[0], rtol=0, atol=0)
+
+
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from minti import atomic
+
+    target = tmp_path / "e.safetensors"
+    make(n=1).save(target)
+    old = target.read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # as if Ctrl-C hit in the middle of writing
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        make(n=2).save(target)
+    assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
+    atomic.write_text(tmp_path / "t.txt", "new")
+    assert (tmp_path / "t.txt").read_text() == "new"

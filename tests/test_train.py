@@ -359,3 +359,10 @@ def test_sdxl_trains_both_encoders_and_saves_clip_l_clip_g(images, tmp_path):
     st = load_file(tmp_path / "run" / "xl.safetensors")
     assert sorted(st) == ["clip_g", "clip_l"] and torch.equal(st["clip_g"], emb.vectors[1])
     assert not (tmp_path / "run" / "xl.pt").exists()
+
+
+def test_minti_train_is_callable_as_the_package_attribute(sd1, images):
+    import minti.train  # after this import the attribute `minti.train` is the module itself
+
+    emb = minti.train(sd1, cfg(images, token="<callable>", steps=0))
+    assert isinstance(emb, minti.Embedding) and emb.step == 0

@@ -193,10 +193,20 @@ def _triton_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
 
 # ----------------------------------------------------------------------------- autograd
 
+def _meta_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
+    """Memory tracing on the meta device: what the fused kernel allocates, no temporaries."""
+    stats = torch.empty(x.shape[0], groups, dtype=torch.float32, device=x.device)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _meta_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
+    return torch.empty_like(x)
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float, silu: bool, use_triton: bool):
-        fwd = _triton_fwd if use_triton else _torch_fwd
+        fwd = _meta_fwd if x.is_meta else _triton_fwd if use_triton else _torch_fwd
         out, mean, rstd = fwd(x, weight, bias, groups, eps, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)  # x + two [B, G] fp32 tensors
         ctx.groups, ctx.silu, ctx.use_triton = groups, silu, use_triton
@@ -205,7 +215,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        bwd = _triton_bwd if ctx.use_triton else _torch_bwd
+        bwd = _meta_bwd if x.is_meta else _triton_bwd if ctx.use_triton else _torch_bwd
         dx = bwd(dout, x, weight, bias, mean, rstd, ctx.groups, ctx.silu)
         # Frozen affine parameters: no weight/bias gradient by design (see module docstring).
         return dx, None, None, None, None, None, None

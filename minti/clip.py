@@ -107,6 +107,11 @@ def embed_tokens(table: nn.Embedding, tokens: torch.Tensor, extra: torch.Tensor 
     """
     vocab = table.num_embeddings
     x = table(tokens.clamp(max=vocab - 1))
+    if tokens.is_meta:  # shapes only (memory tracing): no values to check
+        if extra is None:
+            return x
+        vectors = extra[(tokens - vocab).clamp(min=0, max=extra.shape[0] - 1)].to(x.dtype)
+        return torch.where((tokens >= vocab).unsqueeze(-1), vectors, x)
     # one host sync per prompt batch: an id past the end would otherwise be a device-side assert
     top = int(tokens.max())
     if top < vocab:

@@ -257,7 +257,7 @@ class StableDiffusion:
 
     def offload_vae(self) -> None:
         """Move the VAE to the CPU and set sd.vae = None (latents are cached; it is not needed)."""
-        if self._vae_home is not None:
+        if self._vae_home is not None and self.device.type != "meta":  # meta holds no memory anyway
             self._vae_home.to("cpu")
         self.vae = None
 
@@ -383,3 +383,63 @@ def ckpt_parts(family: str) -> list[str]:
     from minti.checkpoint import PREFIXES
 
     return list(PREFIXES[family])
+
+
+# ---- real-size models without a checkpoint (benchmarks) ----------------------------------------
+
+_PRESETS = {  # family -> (unet, vae, text encoders) preset names
+    "sd1": ("SD1", "SD", ("CLIP_L_SD1",)),
+    "sd2": ("SD2", "SD", ("OPENCLIP_H_SD2",)),
+    "sdxl": ("SDXL", "SDXL", ("CLIP_L_SDXL", "OPENCLIP_BIGG_SDXL")),
+}
+
+
+def random_model(family: str, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
+                 prediction: str | None = None, seed: int = 0) -> StableDiffusion:
+    """A real-size model of `family` with random weights and no file: what the benchmarks run
+    (memory and speed do not depend on the values). device="meta" allocates nothing."""
+    from types import SimpleNamespace
+
+    from minti import clip, unet, vae
+
+    unet_name, vae_name, text_names = _PRESETS[family]
+    configs = {"unet": getattr(unet, unet_name), "vae": getattr(vae, vae_name)}
+    configs.update({f"text{'_2' if i else ''}": getattr(clip, n) for i, n in enumerate(text_names)})
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for part, cfg in configs.items():
+        with torch.device("meta"):
+            module = _build(part, cfg)
+        if device.type != "meta":
+            module = module.to_empty(device=device)
+            _random_init(module, generator)
+        modules[part] = module.to(dtype).eval().requires_grad_(False)
+    fake = SimpleNamespace(path=Path(f"<random {family}>"), dtype=dtype, format="random", ignored=[])
+    text = [modules[p] for p in ("text", "text_2") if p in modules]
+    tokenizers = [_openclip_tokenizer(enc.cfg.pad_token_id) for enc in text]
+    pred = prediction or ("v" if family == "sd2" else "eps")
+    return StableDiffusion(fake, family, pred, prediction is None, dtype, device, modules["unet"], modules["vae"],
+                           text, tokenizers)
+
+
+def _openclip_tokenizer(pad_token_id: int):
+    from minti.tokenizer import Tokenizer
+
+    return Tokenizer.from_openclip_vocab(pad_token_id)
+
+
+@torch.no_grad()
+def _random_init(module: nn.Module, generator: torch.Generator) -> None:
+    """Weights ~ N(0, 1/fan_in) (activations stay O(1), so fp16 does not overflow), norms 1,
+    biases 0, integer buffers (position ids) 0..n-1. Drawn on the CPU for reproducibility."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if not t.is_floating_point():
+            t.copy_(torch.arange(t.shape[-1]).expand(t.shape))
+        elif t.ndim >= 2:
+            fan_in = t[0].numel()
+            t.copy_(torch.randn(t.shape, generator=generator) / math.sqrt(fan_in))
+        elif name.endswith("weight"):
+            t.fill_(1.0)
+        else:
+            t.zero_()

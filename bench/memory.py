@@ -1,0 +1,137 @@
+"""Peak memory of one textual-inversion training step: minti vs the diffusers example.
+
+    python bench/memory.py --model sd15 --resolution 512 [--batch-size 1] [--memory low|fast] [--json] [--profile]
+
+On CUDA: torch.cuda.max_memory_allocated around one full step (text encoder forward and
+backward, UNet forward and backward, optimizer step), after a warm-up step, weights included.
+Without CUDA: the same step traced at real size on the `meta` device, counting the bytes of
+live tensors at the peak (minti.memtrace). Attention in the reference is counted as a
+flash-style kernel there too (no N x N matrix), so the comparison is fair.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reference  # noqa: E402
+
+from minti import memory  # noqa: E402
+from minti.memtrace import MemoryTracer  # noqa: E402
+from minti.pipeline import random_model  # noqa: E402
+
+FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+GiB = 2**30
+
+
+def minti_step(sd, vectors: list[torch.Tensor], optimizer, latents: torch.Tensor, prompt: str) -> None:
+    """One training step as minti.train runs it (see _Run.loss / train_step): cached latents,
+    only the placeholder vectors trainable, fp32 loss, AdamW over the vectors alone."""
+    B = latents.shape[0]
+    noise = torch.randn_like(latents, dtype=torch.float32)
+    t = torch.randint(0, 1000, (B,), device=latents.device)
+    z_t = (latents.float() + noise).to(sd.dtype)  # add_noise: same shapes and lifetimes
+    tokens = [tok.to(latents.device) for tok in sd.tokenize([prompt] * B)]
+    context, pooled = sd.encode_tokens(tokens, vectors)
+    y = sd.sdxl_vector(pooled, original_size=(1024, 1024), target_size=(1024, 1024)) if sd.family == "sdxl" else None
+    pred = sd.unet(z_t, t, context, y).float()
+    loss = (pred - noise).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(fn, modules, extra, device: torch.device) -> tuple[int, list]:
+    if device.type == "cuda":
+        fn()  # warm-up: kernels autotuned, optimizer state allocated
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), []
+    with MemoryTracer(modules, extra=extra) as tracer:
+        fn()
+    return tracer.peak_bytes, tracer.peak_breakdown()
+
+
+def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+    sd = random_model(family, torch.float16, device)
+    sd.offload_vae()  # latents are cached before training; the VAE is not on the device
+    sd.add_placeholder("<bench>", 1)
+    vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]
+    optimizer = torch.optim.AdamW(vectors, lr=5e-3, weight_decay=0.0)
+    plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
+    latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
+    modules = [sd.unet, *sd.text_encoders]
+    peak, breakdown = measure(lambda: minti_step(sd, vectors, optimizer, latents, "a photo of <bench>"),
+                              modules, [*vectors, latents], device)
+    return peak, breakdown, plan
+
+
+def run_reference(family: str, resolution: int, batch: int, device: torch.device):
+    ref = reference.build({v: k for k, v in FAMILIES.items()}[family], device)
+    pixels = torch.zeros(batch, 3, resolution, resolution, device=device)
+    tokens = torch.zeros(batch, 77, dtype=torch.long, device=device)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if device.type == "meta":  # count the reference's attention as a flash kernel, like ours
+        torch.nn.functional.scaled_dot_product_attention = _flash_sdpa
+    try:
+        return measure(lambda: reference.step(ref, pixels, tokens, autocast=device.type == "cuda"),
+                       ref.modules(), [*ref.originals, pixels], device)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    from minti.kernels import flash_attention
+
+    return flash_attention(q, k, v, causal=is_causal or attn_mask is not None, scale=scale)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=FAMILIES, default="sd15")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--memory", choices=("auto", "low", "fast"), default="auto", help="minti's memory plan")
+    p.add_argument("--no-reference", action="store_true", help="skip the diffusers-example reference")
+    p.add_argument("--profile", action="store_true", help="print which tensors are alive at minti's peak")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
+    family = FAMILIES[args.model]
+    start = time.time()
+    peak, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device)
+    result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "meta (modelled, no GPU)",
+              "method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "meta trace of live tensors",
+              "memory_plan": plan, "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
+    print(f"minti      {args.model} {args.resolution}² batch {args.batch_size} plan {plan}: {peak / GiB:.3f} GiB")
+    if args.profile:
+        for label, nbytes in breakdown:
+            print(f"    {nbytes / 2**20:9.1f} MiB  {label}")
+    if not args.no_reference:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        ref_peak, _ = run_reference(family, args.resolution, args.batch_size, device)
+        result.update(reference_peak_bytes=ref_peak, reference_peak_gib=round(ref_peak / GiB, 3),
+                      ratio=round(peak / ref_peak, 3))
+        print(f"reference  (diffusers example loop): {ref_peak / GiB:.3f} GiB   minti/reference = {peak / ref_peak:.2f}")
+    result["seconds"] = round(time.time() - start, 1)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, f"memory-{args.model}-{args.resolution}.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -556,7 +556,11 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     _freeze(sd)
     vae_was_loaded = sd.vae is not None
     if not vae_was_loaded:
-        sd.restore_vae(sd.device)  # needed once, to cache the latents
+        try:
+            sd.restore_vae(sd.device)  # needed once, to cache the latents
+        except RuntimeError as e:
+            raise UserError(f"training needs the VAE encoder to cache the images' latents ({e}): load the "
+                            "model with its VAE") from None
     run = _Run(sd, config, on_step)
     run.prepare()
     with _Stop() as stop:

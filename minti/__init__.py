@@ -44,9 +44,9 @@ def __getattr__(name: str):
 
         return getattr(pipeline, name)
     if name in ("train", "TrainConfig"):
-        from minti import train
+        from minti import trainer
 
-        return getattr(train, name)
+        return getattr(trainer, name)
     if name in ("load_embedding", "Embedding"):
         from minti import embedding
 

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_fields() -> set[str]:
-    from minti.train import TrainConfig
+    from minti.trainer import TrainConfig
 
     return {f.name for f in fields(TrainConfig)}
 
@@ -85,7 +85,7 @@ def _train_fields() -> set[str]:
 def resolve(args: argparse.Namespace) -> tuple[dict, object]:
     """-> (load settings {model, device, dtype, prediction}, TrainConfig)."""
     from minti.embedding import file_stem
-    from minti.train import TrainConfig
+    from minti.trainer import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if v is not None}
     saved: dict = {}
@@ -214,7 +214,7 @@ def _duration(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minti.train import train
+    from minti.trainer import train
 
     setup_logging()
     load, config = resolve(args)

@@ -15,7 +15,7 @@ from checkpoints import make_diffusers_folder, make_single_file
 from minti import schedules
 from minti.cli import UserError
 from minti.embedding import Embedding, load_embedding
-from minti.train import LossScaler, TrainConfig, train
+from minti.trainer import LossScaler, TrainConfig, train
 
 RES = 64  # the narrow UNet has 3 downsamplings: 64 px -> 8x8 latents -> 1x1 at the bottom
 
@@ -70,7 +70,7 @@ def frozen(sd):
 
 
 def token_table(sd):
-    from minti.train import token_table as table
+    from minti.trainer import token_table as table
 
     return table(sd.text_encoders[0])
 
@@ -361,8 +361,8 @@ def test_sdxl_trains_both_encoders_and_saves_clip_l_clip_g(images, tmp_path):
     assert not (tmp_path / "run" / "xl.pt").exists()
 
 
-def test_minti_train_is_callable_as_the_package_attribute(sd1, images):
-    import minti.train  # after this import the attribute `minti.train` is the module itself
+def test_minti_train_is_the_training_function_in_any_import_order(sd1, images):
+    import minti.trainer  # noqa: F401  (the module is `trainer`, so nothing shadows minti.train)
 
     emb = minti.train(sd1, cfg(images, token="<callable>", steps=0))
     assert isinstance(emb, minti.Embedding) and emb.step == 0

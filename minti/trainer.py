@@ -21,10 +21,8 @@ import json
 import logging
 import math
 import signal
-import sys
 import threading
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -626,14 +624,3 @@ def _loop(run: _Run, stop: _Stop) -> Embedding:
         if run.log_file is not None:
             run.log_file.close()
     return run.embedding()
-
-
-# `minti.train` names both this module and the function in it. Once anything imports the
-# module (the CLI does), the package attribute `minti.train` IS the module, so make calling it
-# call the function: `minti.train(sd, config)` then works in every import order.
-class _CallableModule(types.ModuleType):
-    def __call__(self, sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | None = None) -> Embedding:
-        return train(sd, config, on_step)
-
-
-sys.modules[__name__].__class__ = _CallableModule

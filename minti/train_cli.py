@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     dev.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default float16 on cuda, float32 on "
                      "cpu); the embedding is always trained in float32")
+    dev.add_argument("--memory", choices=("auto", "low", "fast"),
+                     help="low: recompute each UNet block in backward (least VRAM, ~30%% slower); fast: store "
+                     "activations; auto (default): fast when it fits in free GPU memory, else low")
     dev.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type "
                      "(SD 2.x 768 models are v)")
 

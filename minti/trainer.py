@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from minti import atomic
+from minti import atomic, memory
 from minti import sampler as smp
 from minti import schedules
 from minti import templates as tpl
@@ -80,6 +80,7 @@ class TrainConfig:
     output: str | Path | None = None  # None: write nothing (API use); the CLI defaults to runs/<name>
     resume: str | Path | None = None  # a run folder with state.pt
     overwrite: bool = False  # allow a fresh run into a folder that already holds one
+    memory: str = "auto"  # auto | low | fast: recompute UNet blocks in backward (low) or store them (fast)
 
 
 @dataclass
@@ -298,6 +299,10 @@ class _Run:
         except ValueError as e:
             raise UserError(str(e)) from None
         self.resolution = _resolution(sd, cfg)
+        try:
+            self.memory_plan = memory.apply(sd, cfg.memory, self.resolution, cfg.batch_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         resume_state = self._read_resume() if cfg.resume is not None else None
         if resume_state is None and self.out is not None and (self.out / STATE_FILE).exists() and not cfg.overwrite:
             raise UserError(f"{self.out} already holds a training run: continue it with --resume {self.out}, "

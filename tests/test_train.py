@@ -366,3 +366,20 @@ def test_minti_train_is_the_training_function_in_any_import_order(sd1, images):
 
     emb = minti.train(sd1, cfg(images, token="<callable>", steps=0))
     assert isinstance(emb, minti.Embedding) and emb.step == 0
+
+
+def test_every_memory_mode_trains_to_the_same_vectors(ckpts, images):
+    results = {}
+    for mode in ("fast", "low", "auto"):
+        sd = minti.load(ckpts["sd1"], dtype=torch.float32, device="cpu")
+        emb = train(sd, cfg(images, token="<mem>", memory=mode, steps=3))
+        results[mode] = emb.vectors[0]
+        assert sd.unet.checkpointing == (mode == "low")  # auto on the CPU: fast
+    ref = results["fast"]
+    for mode in ("low", "auto"):
+        assert (results[mode] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_unknown_memory_mode_is_a_user_error(sd1, images):
+    with pytest.raises(UserError, match="memory mode"):
+        train(sd1, cfg(images, token="<memx>", memory="tiny"))

@@ -729,7 +729,7 @@ def check_scratch(cfg: BuildConfig, scratch: Path) -> None:
 
 def update_readme(readme: Path, rep: dict, written: dict, cfg: BuildConfig, minutes: float, grid_name: str) -> None:
     begin, end = "<!-- build:results -->", "<!-- /build:results -->"
-    text = readme.read_text()
+    text = readme.read_text() if readme.exists() else ""
     if begin not in text or end not in text:
         log(f"{readme} has no results markers; not updated")
         return

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# The kernel tests run Triton in its CPU interpreter on CPU tensors (GPU speed and memory
+# live in bench/). The switch is read when the kernels are decorated (first import of
+# minti.kernels), so it is set for the whole session before any test can import them,
+# whichever test file happens to run first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.time() - start, 1)
     out = os.environ.get("OUT")
     if out:
-        Path(out, f"memory-{args.model}-{args.resolution}.json").write_text(json.dumps(result, indent=1))
+        Path(out, f"memory-{args.model}-{args.resolution}-{args.memory}.json").write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result))
     return 0

@@ -244,7 +244,7 @@ class StableDiffusion:
     def encode_image(self, pixels: torch.Tensor, sample: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels [B,3,H,W] in [-1,1] -> latents times vae_scale (the posterior mean, or a sample)."""
-        mean, logvar = self._need_vae().encode(pixels.to(self.device, self.dtype))
+        mean, logvar = self._need_vae().encode(pixels.to(self.device))  # the VAE casts to its own dtype
         z = mean
         if sample:
             gen_device = generator.device if generator is not None else mean.device
@@ -356,7 +356,7 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
                     module = _build(part, cfg)
             except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
                 raise CheckpointError(ckpt.path, f"{part} shapes do not form a valid {family} model ({e})") from None
-            _fill(ckpt, part, module, dtype, device)
+            _fill(ckpt, part, module, _part_dtype(part, family, dtype), device)
             modules[part] = module.eval().requires_grad_(False)
         # everything under the part prefixes that no module took is ignored too (other parts, when
         # components= skips them)
@@ -377,6 +377,15 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
     return StableDiffusion(
         ckpt, family, pred, guessed, dtype, device, modules.get("unet"), modules.get("vae"),
         [modules[p] for p in text_parts], _tokenizers(ckpt, [configs[p] for p in text_parts]))
+
+
+def _part_dtype(part: str, family: str, dtype: torch.dtype) -> torch.dtype:
+    """SDXL's VAE overflows in fp16 (NaN latents and images; diffusers upcasts it too): keep it
+    in fp32. It encodes the training images once and then leaves the device, so this costs
+    no training memory."""
+    if part == "vae" and family == "sdxl" and dtype == torch.float16:
+        return torch.float32
+    return dtype
 
 
 def ckpt_parts(family: str) -> list[str]:

@@ -247,3 +247,14 @@ def test_loading_an_fp16_file_does_not_hold_a_second_copy_of_the_weights(tmp_pat
     assert out.returncode == 0, out.stderr
     growth = int(out.stdout.strip().splitlines()[-1])
     assert growth < 1.3 * size, f"peak anonymous memory grew {growth / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
+
+
+def test_sdxl_vae_stays_float32_when_loading_in_fp16(files):
+    # SDXL's VAE overflows in fp16; the UNet and text encoders still load in fp16
+    sdxl = minti.load(files["sdxl"], dtype=torch.float16, device="cpu")
+    assert sdxl.vae.encoder.conv_in.weight.dtype == torch.float32
+    assert sdxl.unet.time_embed[0].weight.dtype == torch.float16
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert sdxl.encode_image(pixels).dtype == torch.float32
+    sd1 = minti.load(files["sd1"], dtype=torch.float16, device="cpu")
+    assert sd1.vae.encoder.conv_in.weight.dtype == torch.float16

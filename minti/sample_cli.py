@@ -15,7 +15,8 @@ from minti.cli import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder")
+    parser.add_argument("--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (default: the "
+                        "tiny demo model weights/minti-tiny.safetensors, 64x64, guidance 4)")
     parser.add_argument("--embedding", action="append", default=None, metavar="FILE",
                         help="embedding file (.safetensors / .pt / .bin, any of A1111, diffusers, SDXL formats); "
                         "repeat for several")
@@ -24,14 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="what to draw, e.g. 'a photo of <my-cat> on the beach'")
     parser.add_argument("--negative", default=None, help="negative prompt (default empty)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 30)")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5; 4 "
+                        "with the demo model)")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default=None, help="deterministic sampler "
                         "(default ddim)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i "
                         "(default 0)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 1)")
-    parser.add_argument("--width", type=int, default=None, help="default: 512, 768 for SD 2.x v, 1024 for SDXL")
+    parser.add_argument("--width", type=int, default=None, help="default: 512, 768 for SD 2.x v, 1024 for SDXL, "
+                        "64 for the demo model")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--out", default=None, help="output folder (default runs/samples); files are never "
                         "overwritten")
@@ -88,11 +91,21 @@ def run(args: argparse.Namespace) -> int:
     from minti.train_cli import load_model, setup_logging
 
     setup_logging()
-    if args.model is None:
-        raise UserError("no model: pass --model with a Stable Diffusion checkpoint (.safetensors/.ckpt file or "
-                        "diffusers folder)")
+    model, native_size, cfg = args.model, None, 7.5
+    if model is None:  # the tiny model minti ships (see minti.demo), at its own size and guidance
+        from minti import demo
+
+        if not demo.DEMO_MODEL.is_file():
+            raise UserError(demo.missing())
+        model, native_size, cfg = str(demo.DEMO_MODEL), demo.RESOLUTION, demo.GRID_CFG
+        if not args.prompt:
+            raise UserError(f"no prompt: pass --prompt, e.g. --prompt 'a large red star on a striped green "
+                            f"background', or after the demo --embedding {demo.OUTPUT / 'demo.safetensors'} "
+                            f"--prompt '{demo.PROMPT}'")
+        print(f"minti sample: no --model: using the demo model {model}", file=sys.stderr)
     if not args.prompt:
         raise UserError("no prompt: pass --prompt, e.g. --prompt 'a photo of <my-cat> on the beach'")
+    cfg = cfg if args.cfg is None else args.cfg
     n = 4 if args.n is None else args.n
     steps = 30 if args.steps is None else args.steps
     batch = args.batch_size or 1
@@ -101,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     for path in args.embedding or []:
         if not Path(path).exists():
             raise UserError(f"--embedding {path} does not exist: check the path")
-    sd = load_model(args.model, args.device, args.dtype, args.prediction)
+    sd = load_model(model, args.device, args.dtype, args.prediction)
     extra = register_embeddings(sd, args.embedding or [], args.prompt, args.token)
-    size = smp.default_size(sd)
+    size = native_size or smp.default_size(sd)
     height, width = args.height or size, args.width or size
     try:
         smp.latent_shape(sd, height, width)
@@ -117,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, n, batch):
         seeds = list(range(seed + start, seed + min(n, start + batch)))
         latents = smp.generate(sd, [args.prompt] * len(seeds), extra=extra, negative=args.negative or "",
-                               steps=steps, cfg=7.5 if args.cfg is None else args.cfg, seeds=seeds,
+                               steps=steps, cfg=cfg, seeds=seeds,
                                height=height, width=width, method=args.sampler or "ddim")
         with torch.no_grad():
             pixels = sd.decode_latents(latents.to(sd.dtype))

@@ -20,8 +20,14 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from minti import demo
+
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x)")
+    what.add_argument("--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x). "
+                      f"Without it: the demo, {demo.TOKEN} (init {demo.INIT!r}) on weights/{demo.DEMO_IMAGES.name}/ "
+                      f"with the tiny weights/{demo.DEMO_MODEL.name} at {demo.RESOLUTION} px, {demo.STEPS} steps, "
+                      f"batch {demo.BATCH_SIZE}, lr {demo.LR:g} {demo.LR_SCHEDULE}, into {demo.OUTPUT}, ending with an "
+                      "init-vs-learned grid; flags given override these")
     what.add_argument("--images", help="folder with 3-20 images of the concept (jpg/png/webp/bmp; "
                       "optional <image>.txt captions for [filewords])")
     what.add_argument("--token", help="the new word, e.g. '<my-cat>'; files are named after it without <> "
@@ -87,13 +93,20 @@ def _train_fields() -> set[str]:
 
 def resolve(args: argparse.Namespace) -> tuple[dict, object]:
     """-> (load settings {model, device, dtype, prediction}, TrainConfig)."""
+    from minti import demo
     from minti.embedding import file_stem
     from minti.trainer import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if v is not None}
     saved: dict = {}
+    # No --model and nothing to resume: the demo (the tiny shipped model and its concept), with
+    # every flag that was given overriding the demo's value. With --model, normal rules.
+    is_demo = args.model is None and args.resume is None
+    if is_demo:
+        demo.require()
+        given = {**demo.train_defaults(), **given, "model": str(demo.DEMO_MODEL)}
     load = {"model": given.get("model"), "device": given.get("device"), "dtype": given.get("dtype"),
-            "prediction": given.get("prediction")}
+            "prediction": given.get("prediction"), "demo": is_demo}
     if args.resume is not None:
         record_path = Path(args.resume) / "config.json"
         if not record_path.is_file():
@@ -111,6 +124,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, object]:
         saved.pop("output", None)
         if "prediction" in record.get("identity", {}) and load["prediction"] is None:
             load["prediction"] = record["identity"]["prediction"]
+        load["demo"] = demo.is_demo_model(load["model"])  # a resumed demo run ends with the grid too
     if load["model"] is None:
         raise UserError("no model: pass --model with a Stable Diffusion checkpoint (.safetensors/.ckpt file "
                         "or diffusers folder)")
@@ -221,6 +235,10 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     load, config = resolve(args)
+    if args.model is None and args.resume is None:
+        print(f"minti train: no --model: the demo, {config.token} (init {config.init!r}) on {config.images} with "
+              f"{load['model']}, {config.steps} steps, into {config.output}; pass --model to train your own",
+              file=sys.stderr)
     started = time.perf_counter()
     try:
         sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"])
@@ -253,4 +271,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"minti train: {config.token} trained for {emb.step} steps in {elapsed} (loss {progress.mean_loss():.4f}, "
           f"mean of the last {len(progress.recent)}): {', '.join(str(f) for f in files)}")
+    if load["demo"]:
+        demo_report(sd, config, emb)
     return 0
+
+
+def demo_report(sd, config, emb) -> None:
+    """After the demo: the init-vs-learned grid, its concept scores and the held-out losses."""
+    from minti import demo
+
+    started = time.perf_counter()
+    print(f"minti train: drawing the init-vs-learned grid ({2 * demo.GRID_SEEDS} images, {config.preview_steps} "
+          "DDIM steps each)...", file=sys.stderr)
+    ev = demo.evidence(sd, config, emb.vectors, Path(config.output))
+    out = Path(config.output)
+    print(f"minti train: grid {out / demo.GRID_FILE} (top: the concept images; then {ev.init_label!r}; then "
+          f"{ev.prompt!r}; {len(ev.seeds)} seeds), summary {out / demo.SUMMARY_FILE} "
+          f"({_duration(time.perf_counter() - started)})")
+    print(f"minti train: concept score vs {config.images} (lower = closer): init {ev.init_score:.3f}, learned "
+          f"{ev.learned_score:.3f}; loss on held-out (timestep, noise) pairs: init {ev.heldout_init:.5f}, "
+          f"learned {ev.heldout_learned:.5f}")
+    print(f"minti train: try it: python -m minti sample --embedding {out / f'{emb.name}.safetensors'} "
+          f"--prompt '{ev.prompt}'")

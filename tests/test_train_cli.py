@@ -48,7 +48,11 @@ def one_line_error(capsys, argv, needle):
     return err[0]
 
 
-def test_bad_train_input_is_one_line_naming_the_problem(ckpt, images, tmp_path, capsys):
+def test_bad_train_input_is_one_line_naming_the_problem(ckpt, images, tmp_path, capsys, monkeypatch):
+    from minti import demo
+
+    # without --model the demo model is used: while it is missing, the error says how to get one
+    monkeypatch.setattr(demo, "DEMO_MODEL", tmp_path / "minti-tiny.safetensors")
     one_line_error(capsys, ["train", "--images", str(images), "--token", "<a>"], "pass --model")
     one_line_error(capsys, ["train", "--model", str(tmp_path / "nope.safetensors"), "--images", str(images),
                             "--token", "<a>"], "nope.safetensors does not exist")
@@ -89,8 +93,11 @@ def test_train_then_resume_from_the_folder_alone_then_sample(ckpt, images, tmp_p
     assert a.shape == (64, 64, 3) and np.array_equal(a, c) and not np.array_equal(a, b)  # seeded
 
 
-def test_sample_bad_input_is_one_line(ckpt, tmp_path, capsys):
+def test_sample_bad_input_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    from minti import demo
+
     base = ["sample", "--model", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "s")]
+    monkeypatch.setattr(demo, "DEMO_MODEL", tmp_path / "minti-tiny.safetensors")  # the demo model, missing
     one_line_error(capsys, ["sample", "--prompt", "x"], "pass --model")
     one_line_error(capsys, base, "no prompt")
     one_line_error(capsys, base + ["--prompt", "x", "--embedding", str(tmp_path / "no.pt")], "no.pt does not exist")

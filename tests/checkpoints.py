@@ -212,7 +212,9 @@ def _diffusers_models(family: str):
     return {k: m.eval() for k, m in models.items()}
 
 
-def _write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path) -> Path:
+    """vocab.json + merges.txt (what transformers' CLIPTokenizer and diffusers folders use) from
+    the BPE file open-clip-torch ships; test_tokenizer proves minti reads it as open_clip does."""
     from minti.tokenizer import _vocab_from_openclip_gz, openclip_vocab_path
 
     vocab, merges = _vocab_from_openclip_gz(openclip_vocab_path())
@@ -220,6 +222,7 @@ def _write_tokenizer(folder: Path) -> None:
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                        encoding="utf-8")
+    return folder
 
 
 def make_diffusers_folder(tmp_path: Path, family: str, dtype: torch.dtype = torch.float32,
@@ -233,9 +236,9 @@ def make_diffusers_folder(tmp_path: Path, family: str, dtype: torch.dtype = torc
     models = _diffusers_models(family)
     for component, m in models.items():
         m.to(dtype).save_pretrained(root / component, safe_serialization=safe_serialization, variant=variant)
-    _write_tokenizer(root / "tokenizer")
+    write_tokenizer(root / "tokenizer")
     if family == "sdxl":
-        _write_tokenizer(root / "tokenizer_2")
+        write_tokenizer(root / "tokenizer_2")
     sched = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
              "beta_end": 0.012, "beta_schedule": "scaled_linear"}
     if prediction_type is not None:

@@ -1,6 +1,5 @@
 """Embedding files: our three formats, A1111/diffusers/SDXL files from elsewhere, and diffusers'
 own loader reading what we write."""
-import gzip
 import json
 import subprocess
 import sys
@@ -126,26 +125,9 @@ def test_token_file_names():
 def clip_tokenizer_files(folder: Path) -> Path:
     """vocab.json + merges.txt for transformers' CLIPTokenizer, built offline from the BPE file
     that open-clip-torch ships (the same 49408-entry vocabulary as openai/clip-vit-large-patch14)."""
-    import importlib.util
+    from checkpoints import write_tokenizer
 
-    spec = importlib.util.find_spec("open_clip")
-    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_chars = [chr(c) for c in cs]
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder
+    return write_tokenizer(folder)
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,9 @@ def apply(sd, mode: str, resolution: int, batch_size: int) -> str:
 def _choose(sd, resolution: int, batch_size: int) -> str:
     if sd.device.type != "cuda":
         return "fast"
-    free, _total = torch.cuda.mem_get_info(sd.device)
-    already = torch.cuda.memory_allocated(sd.device)  # the weights, loaded before this call
+    free, _total = torch.cuda.mem_get_info(sd.device)  # the weights are already loaded
     need = estimate_step_bytes(sd, resolution, batch_size, checkpointing=False) - _weight_bytes(sd)
-    return "fast" if already + need * MARGIN <= already + free else "low"
+    return "fast" if need * MARGIN <= free else "low"
 
 
 def _weight_bytes(sd) -> int:

@@ -55,3 +55,29 @@ def test_input_gradient_only_convs_give_the_same_text_gradient(monkeypatch):
     monkeypatch.setattr(ops, "conv2d", lambda x, w, b, stride=1, padding=0: F.conv2d(x, w, b, stride, padding))
     plain = context_grad(unet, x, t, context)
     assert (ours - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_auto_plan_stores_activations_only_when_they_fit_in_free_gpu_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from minti import memory
+
+    weights = 1000
+    sd = SimpleNamespace(device=torch.device("cuda"), unet=SimpleNamespace(checkpointing=None))
+    monkeypatch.setattr(memory, "_weight_bytes", lambda sd: weights)
+    monkeypatch.setattr(memory, "estimate_step_bytes", lambda *a, **k: weights + 500)  # 500 of activations
+    for free, plan in ((10_000, "fast"), (500 * memory.MARGIN, "fast"), (500, "low"), (0, "low")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (int(free), 80_000))
+        assert memory.apply(sd, "auto", resolution=512, batch_size=1) == plan
+        assert sd.unet.checkpointing == (plan == "low")
+
+
+def test_estimated_peak_of_a_real_size_step_grows_with_resolution_and_shrinks_with_checkpointing():
+    from minti.memory import estimate_step_bytes
+    from minti.pipeline import random_model
+
+    sd = random_model("sd1", torch.float16, "meta")
+    small = estimate_step_bytes(sd, 128, 1, checkpointing=False)
+    big = estimate_step_bytes(sd, 256, 1, checkpointing=False)
+    low = estimate_step_bytes(sd, 256, 1, checkpointing=True)
+    assert (859_520_964 + 123_060_480) * 2 < small < big and low < big

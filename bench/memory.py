@@ -47,7 +47,8 @@ def minti_step(sd, vectors: list[torch.Tensor], optimizer, latents: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(fn, modules, extra, device: torch.device) -> tuple[int, list]:
+def measure(fn, modules, extra, device: torch.device) -> tuple[int, list[str]]:
+    """-> (peak bytes, profile lines: where the peak happened and what was alive then)."""
     if device.type == "cuda":
         fn()  # warm-up: kernels autotuned, optimizer state allocated
         torch.cuda.synchronize()
@@ -57,7 +58,9 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, list]:
         return torch.cuda.max_memory_allocated(), []
     with MemoryTracer(modules, extra=extra) as tracer:
         fn()
-    return tracer.peak_bytes, tracer.peak_breakdown()
+    lines = [f"peak reached at {tracer.peak_at}; alive then:"]
+    lines += [f"  {nbytes / 2**20:9.1f} MiB  {label}" for label, nbytes in tracer.peak_breakdown()]
+    return tracer.peak_bytes, lines
 
 
 def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
@@ -115,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               "memory_plan": plan, "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
     print(f"minti      {args.model} {args.resolution}² batch {args.batch_size} plan {plan}: {peak / GiB:.3f} GiB")
     if args.profile:
-        for label, nbytes in breakdown:
-            print(f"    {nbytes / 2**20:9.1f} MiB  {label}")
+        print("\n".join(breakdown) or "  (no per-tensor profile on CUDA: use the meta trace, without CUDA)")
     if not args.no_reference:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -44,6 +44,7 @@ class MemoryTracer(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
         self._peak_snapshot: list[_Live] = []
+        self.peak_at = "-"  # the op (module path : op) whose output made the peak
         self._scope: list[str] = []
         self._hooks: list = []
 
@@ -62,10 +63,11 @@ class MemoryTracer(TorchDispatchMode):
         for k in dead:
             self.current_bytes -= self.live.pop(k).nbytes
 
-    def _observe(self) -> None:
+    def _observe(self, where: str) -> None:
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
             self._peak_snapshot = list(self.live.values())
+            self.peak_at = where
 
     def peak_breakdown(self, top: int = 15) -> list[tuple[str, int]]:
         """Which tensors were alive at the peak, grouped by label (module path : op)."""
@@ -93,7 +95,7 @@ class MemoryTracer(TorchDispatchMode):
                 self._hooks.append(m.register_forward_hook(self._pop))
         for t in self.extra:
             self.track(t, "inputs")
-        self._observe()
+        self._observe("start")
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -104,11 +106,12 @@ class MemoryTracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        scope = self._scope[-1] if self._scope else ("backward" if torch._C._current_autograd_node() else "-")
+        node = torch._C._current_autograd_node()  # set while autograd runs a backward function
+        scope = self._scope[-1] if self._scope else (f"backward[{node.name()}]" if node else "-")
         label = f"{scope}:{func.__name__.split('.')[0]}"
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t, label)
         self._sweep()
-        self._observe()
+        self._observe(label)
         return out

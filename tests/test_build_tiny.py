@@ -1,5 +1,4 @@
 import hashlib
-import importlib.util
 import re
 import subprocess
 import sys
@@ -7,25 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from layouts import read_layout
+from tiny_build import build_tiny_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "weights" / "build_tiny.py"
-LAYOUT = ROOT / "tests" / "layouts" / "sd15.tsv"
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
 
 
-def _module():
-    if "build_tiny" not in sys.modules:  # registered first: its dataclasses look themselves up
-        spec = importlib.util.spec_from_file_location("build_tiny", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["build_tiny"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["build_tiny"]
+_module = build_tiny_module
 
 
 def _sd15() -> dict[str, tuple[int, ...]]:
-    rows = (line.split("\t") for line in LAYOUT.read_text().splitlines())
-    return {k: tuple(int(x) for x in s.split(",") if x) for k, s in rows}
+    return read_layout("sd15")
 
 
 @pytest.fixture(scope="module")

@@ -6,33 +6,25 @@ architecture (weights/build_tiny.py's modules, randomly initialised, written by 
 writer), so they check the plumbing in seconds; the last needs the real, trained file and is
 skipped until weights/build_tiny.py has been run.
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tiny_build import build_tiny_module
 from minti import demo
 from minti.cli import build_parser, main
 from minti.embedding import load_embedding
 from minti.train_cli import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "weights" / "build_tiny.py"
 # the shipped files, captured before any test points the module constants elsewhere
 SHIPPED_MODEL, SHIPPED_IMAGES = demo.DEMO_MODEL, demo.DEMO_IMAGES
 
 
-def _build_tiny():
-    if "build_tiny" not in sys.modules:  # registered first: its dataclasses look themselves up
-        spec = importlib.util.spec_from_file_location("build_tiny", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["build_tiny"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["build_tiny"]
+_build_tiny = build_tiny_module
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:  # the writer may not have fsynced; make the bytes durable
             os.fsync(f.fileno())
+        # mkstemp made it 0600 (and a writer may recreate it): give it the mode open() would
+        # (the old file's, or 0666 minus the umask): another user's A1111/ComfyUI must read it
+        os.chmod(tmp_path, _mode_for(path))
         os.replace(tmp_path, path)
     except BaseException:  # also KeyboardInterrupt: never leave a stray temporary behind
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only way to read it; set straight back
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,6 +1,7 @@
 """Embedding files: our three formats, A1111/diffusers/SDXL files from elsewhere, and diffusers'
 own loader reading what we write."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,25 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path,
     assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
     atomic.write_text(tmp_path / "t.txt", "new")
     assert (tmp_path / "t.txt").read_text() == "new"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_files_are_readable_by_other_users_like_a_plain_write(tmp_path):
+    """Atomic saves go through a 0600 temporary; the file must still end up with the mode a
+    plain open() gives (another user's A1111/ComfyUI has to read the embedding)."""
+    from minti import atomic
+
+    umask = os.umask(0o022)
+    try:
+        make(n=1).save(tmp_path / "e.safetensors")
+        atomic.write_text(tmp_path / "t.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+        want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+        assert want == 0o644
+        for name in ("e.safetensors", "t.txt"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+        os.chmod(tmp_path / "t.txt", 0o640)  # replacing a file keeps its mode
+        atomic.write_text(tmp_path / "t.txt", "y")
+        assert (tmp_path / "t.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def test_rerun_resumes_from_the_finished_stages_and_rewrites_the_same_file(quick
     assert run.returncode == 0, run.stderr
     assert "vae 1/" not in run.stdout and "unet 1/" not in run.stdout  # nothing retrained
     assert hashlib.sha256((d / "tiny.safetensors").read_bytes()).hexdigest() == digest
+    # the build's time adds up over its runs (the README reports the whole build, resumes included)
+    assert json.loads((d / "scratch" / "build-time.json").read_text())["runs"] == 2
 
 
 def test_a_scratch_dir_of_another_config_is_refused(quick_build, tmp_path):

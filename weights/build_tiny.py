@@ -736,7 +736,8 @@ def check_scratch(cfg: BuildConfig, scratch: Path) -> None:
     p.write_text(json.dumps(want, indent=1))
 
 
-def update_readme(readme: Path, rep: dict, written: dict, cfg: BuildConfig, minutes: float, grid_name: str) -> None:
+def update_readme(readme: Path, rep: dict, written: dict, cfg: BuildConfig, minutes: float, runs: int,
+                  grid_name: str) -> None:
     begin, end = "<!-- build:results -->", "<!-- /build:results -->"
     text = readme.read_text() if readme.exists() else ""
     if begin not in text or end not in text:
@@ -744,7 +745,7 @@ def update_readme(readme: Path, rep: dict, written: dict, cfg: BuildConfig, minu
         return
     f = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [begin, "", f"Built by `python weights/build_tiny.py` (seed {cfg.seed}, torch {torch.__version__}) "
-             f"in {minutes:.0f} min on {torch.get_num_threads()} threads.", "",
+             f"in {minutes:.0f} min on {torch.get_num_threads()} threads ({runs} run(s), resumes included).", "",
              "| measure | value |", "|---|---|",
              f"| file size | {written['bytes'] / 1e6:.1f} MB, {written['parameters']:,} parameters |"]
     for k in ("vae_heldout_l1", "vae_heldout_psnr_db", "unet_train_loss_final", "unet_heldout_loss",
@@ -793,7 +794,27 @@ def main(argv: list[str] | None = None) -> int:
     trainable_ops()
     t0 = time.time()
     log(f"build: {'quick' if args.quick else 'full'}, scratch {scratch}")
+    try:
+        result = build(args, cfg, scratch)
+    finally:  # interrupted runs count too: the README reports the whole build's time
+        runs, seconds = add_build_time(scratch, time.time() - t0)
+    if not args.quick:
+        update_readme(args.readme, result["report"], result["written"], cfg, seconds / 60, runs, args.grid.name)
+    log(f"done: this run {(time.time() - t0) / 60:.1f} min, the build {seconds / 60:.0f} min over {runs} run(s)")
+    return 0
 
+
+def add_build_time(scratch: Path, seconds: float) -> tuple[int, float]:
+    """Add one run's wall time to the scratch folder's total; -> (runs, total seconds)."""
+    p = scratch / "build-time.json"
+    have = json.loads(p.read_text()) if p.exists() else {"runs": 0, "seconds": 0.0}
+    have = {"runs": have["runs"] + 1, "seconds": have["seconds"] + seconds}
+    p.write_text(json.dumps(have))
+    return have["runs"], have["seconds"]
+
+
+def build(args: argparse.Namespace, cfg: BuildConfig, scratch: Path) -> dict:
+    """Every stage in order (each resumes from scratch/ or skips when done); -> report, file facts."""
     data = stage_data(cfg, scratch)
     vae = stage_vae(cfg, data, scratch).eval()
     lat = stage_latents(data, vae, scratch)
@@ -815,11 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     written = stage_write(unet, vae, te, args.out, meta)
     log(f"wrote {args.out}: {written['bytes'] / 1e6:.1f} MB, {written['tensors']} tensors")
     log(verify_load(args.out, unet, vae, te, tok))
-    minutes = (time.time() - t0) / 60
-    if not args.quick:
-        update_readme(args.readme, rep, written, cfg, minutes, args.grid.name)
-    log(f"done in {minutes:.1f} min")
-    return 0
+    return {"report": rep, "written": written}
 
 
 if __name__ == "__main__":

@@ -32,15 +32,15 @@ RESOLUTION = 64  # the tiny model's only size (minti's sd1 default of 512 would 
 OUTPUT = Path("runs") / "demo"
 PROMPT = tpl.fill(tpl.OBJECT[0], TOKEN)  # the first training template: what the grid draws, as previews do
 
-# Training. A step of the tiny model at 64 px (the --quick build's file: same architecture, so
-# the same cost) took 0.15 s at batch 4 and 0.28 s at batch 8 on one thread of the 2-core
-# development machine while a 2-thread build ran beside it; 2 idle cores are faster. 400 steps
-# at batch 8 are then ~2 min, half the 5-minute budget, with room for loading, the grid and a
-# slower machine. 3,200 samples: each of the 5 concept images ~640 times at different
-# (timestep, noise); batch 8 rather than 4 because the diffusion loss is noisy across
-# timesteps. lr 5e-3 is A1111's (and the trainer's) default; the cosine decay lets the vector
-# settle instead of ending on a full-size Adam step, so the grid drawn from the final vector
-# shows where training got to, not one lucky or unlucky last step.
+# Training. On the shipped model at 64 px, batch 8, a step takes 0.16 s on 2 idle cores of the
+# development machine (6 steps/s): 400 steps are 67 s, and the whole demo with loading, the
+# grid and the held-out loss 80 s, well inside the 5-minute budget with room for a slower
+# machine. 3,200 samples: each of the 5 concept images ~640 times at different (timestep,
+# noise); batch 8 rather than 4 because the diffusion loss is noisy across timesteps. lr 5e-3
+# is A1111's (and the trainer's) default; the cosine decay lets the vector settle instead of
+# ending on a full-size Adam step, so the grid drawn from the final vector shows where
+# training got to, not one lucky or unlucky last step. Over training seeds 0-4 the learned
+# token's concept score is 4.23-4.31 against the init word's 6.78 (bench/demo_margin.py).
 STEPS = 400
 BATCH_SIZE = 8
 LR = 5e-3
@@ -56,6 +56,7 @@ GRID_FIRST_SEED = 1000
 HELDOUT_PAIRS = 16
 HELDOUT_SEED = 987_654_321
 
+LABEL_HEIGHT = 17  # pixels of text above each grid row
 GRID_FILE = "demo-grid.png"
 SUMMARY_FILE = "demo-summary.json"
 
@@ -108,15 +109,19 @@ class Evidence:
     cfg: float
 
 
-def learned_beats_init(ev: Evidence | dict, margin: float = 0.0) -> tuple[bool, str]:
+def learned_beats_init(ev: Evidence | dict, margin: float = 0.0, min_drop: float = 0.0) -> tuple[bool, str]:
     """The end-to-end claim of the demo: the learned token draws images closer to the concept
-    than the init word, by more than `margin`, and it fits held-out noise better. -> (holds, why)."""
+    than the init word, by more than `margin` (concept-score units), and its loss on held-out
+    (timestep, noise) pairs is lower than the init word's by more than the fraction `min_drop`.
+    -> (holds, why)."""
     e = ev if isinstance(ev, dict) else ev.__dict__
     closer = e["learned_score"] + margin < e["init_score"]
-    fits = e["heldout_learned"] < e["heldout_init"]
+    drop = 1.0 - e["heldout_learned"] / e["heldout_init"]
+    fits = drop > min_drop
     why = (f"concept score learned {e['learned_score']:.3f} vs init {e['init_score']:.3f} (margin {margin:g}: "
            f"{'ok' if closer else 'NOT closer'}); held-out loss learned {e['heldout_learned']:.5f} vs init "
-           f"{e['heldout_init']:.5f} ({'dropped' if fits else 'did NOT drop'})")
+           f"{e['heldout_init']:.5f}, {100 * drop:.1f}% lower (at least {100 * min_drop:g}%: "
+           f"{'dropped' if fits else 'did NOT drop'})")
     return closer and fits, why
 
 
@@ -158,15 +163,19 @@ def heldout_loss(sd, data, token: str, templates: list[str], extra: list[torch.T
 
 def _grid(rows: list[tuple[str, list]], scale: int = 2):
     """Rows of equal-sized PIL images, each under a one-line label, scaled up (64 px is small)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    size, pad, label_h = rows[0][1][0].size[0] * scale, 4, 14
+    size, pad, label_h = rows[0][1][0].size[0] * scale, 4, LABEL_HEIGHT
+    try:  # Pillow >= 10.1 scales its bundled font; at the old bitmap's size words run together
+        font = ImageFont.load_default(size=LABEL_HEIGHT - 3)
+    except TypeError:
+        font = ImageFont.load_default()
     width = pad + max(len(images) for _, images in rows) * (size + pad)
     out = Image.new("RGB", (width, len(rows) * (label_h + size + pad) + pad), "white")
     draw = ImageDraw.Draw(out)
     y = pad
     for label, images in rows:
-        draw.text((pad, y), label, fill="black")
+        draw.text((pad, y), label, fill="black", font=font)
         y += label_h
         for c, im in enumerate(images):
             out.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (pad + c * (size + pad), y))

@@ -64,7 +64,8 @@ SUMMARY_FILE = "demo-summary.json"
 def missing() -> str | None:
     """Why the demo cannot run (one line naming the fix), or None when it can."""
     if not DEMO_MODEL.is_file():
-        return (f"the demo model {DEMO_MODEL} is not built yet: build it with `{BUILD_COMMAND}` (about 2 h on "
+        return (f"the demo model {DEMO_MODEL} is missing (it ships in minti's git repository; a copy without "
+                f"weights/ lacks it): check it out again, or rebuild it with `{BUILD_COMMAND}` (about 2 h on "
                 "2 CPU cores, see weights/README.md), or pass --model with a Stable Diffusion checkpoint")
     if not DEMO_IMAGES.is_dir():
         return (f"the demo images {DEMO_IMAGES} are missing: `{BUILD_COMMAND}` writes them (rerunning it "

@@ -128,7 +128,7 @@ def one_line_error(capsys, argv: list[str], *needles: str) -> str:
 
 def test_missing_demo_files_fail_in_one_line_naming_the_build(demo_env, tiny, monkeypatch, capsys):
     monkeypatch.setattr(demo, "DEMO_MODEL", demo_env / "minti-tiny.safetensors")
-    one_line_error(capsys, ["train"], "not built yet", "python weights/build_tiny.py", "pass --model")
+    one_line_error(capsys, ["train"], "is missing", "python weights/build_tiny.py", "pass --model")
     one_line_error(capsys, ["train", "--steps", "3"], "python weights/build_tiny.py")
     one_line_error(capsys, ["sample", "--prompt", "a red star"], "python weights/build_tiny.py", "pass --model")
     monkeypatch.setattr(demo, "DEMO_MODEL", tiny[0])

@@ -11,6 +11,7 @@ per step without classifier-free guidance.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -76,13 +77,34 @@ def main(argv: list[str] | None = None) -> int:
     from torch.nn.attention import SDPBackend
 
     from minti.kernels import flash_attention
+    # The module, not the function of the same name that minti.kernels exports.
+    fa = importlib.import_module("minti.kernels.flash_attention")
+
+    def minti(split: bool):
+        # The flag is read at each launch, the backward's included: set it on every call.
+        def run(q, k, v):
+            fa.SPLIT_HEAD_DIM = split
+            return flash_attention(q, k, v, backend="triton")
+        return run
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     impls = {
-        "minti": lambda q, k, v: flash_attention(q, k, v, backend="triton"),
+        "minti": minti(True),
+        # Head dims that are not a power of two padded to one instead of split into two
+        # pieces (kernels/flash_attention.py, _head_pieces): the A/B for that choice.
+        "minti_padded": minti(False),
         "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
     }
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "attention.json"
+
+    def save(complete: bool) -> None:
+        # Rewritten after every shape, so a run cut short by its time limit keeps what it timed.
+        path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                        complete=complete, rows=rows), indent=1))
+
     rows = []
     header = f"{'model':5} {'block':9} {'kind':5} {'H':>3} {'Nq':>5} {'Nk':>5} {'D':>4} | " + " | ".join(
         f"{name:>14} fwd ms (TF/s)  fwd+bwd ms (TF/s)" for name in impls)
@@ -96,18 +118,21 @@ def main(argv: list[str] | None = None) -> int:
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             with torch.no_grad():
                 ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
-                err = (flash_attention(q, k, v, backend="triton").float() - ref).abs().max().item()
+                err = (impls["minti"](q, k, v).float() - ref).abs().max().item()
             row = dict(model=model, block=block, kind=kind, batch=b, heads=h, nq=nq, nk=nk, head_dim=d,
                        dtype=args.dtype, minti_max_abs_err_vs_fp32=err)
             cells = []
+            same_tiles = fa._head_pieces(d, split=True) == fa._head_pieces(d, split=False)
             for name, fn in impls.items():
                 for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-                    ms = _time(fn, q, k, v, do, backward)
+                    skip = name == "minti_padded" and same_tiles  # D a power of two: nothing to compare
+                    ms = None if skip else _time(fn, q, k, v, do, backward)
                     tflops = None if ms is None else _flops(b, h, nq, nk, d, backward) / (ms * 1e-3) / 1e12
                     row[f"{name}_{mode}_ms"] = ms
                     row[f"{name}_{mode}_tflops"] = tflops
                     cells.append("     n/a       " if ms is None else f"{ms:7.3f} ({tflops:5.1f})")
             rows.append(row)
+            save(complete=False)
             print(f"{model:5} {block:9} {kind:5} {h:>3} {nq:>5} {nk:>5} {d:>4} | "
                   + " | ".join(f"{cells[i]} {cells[i + 1]}" for i in range(0, len(cells), 2)), flush=True)
     # Summary for the target: fwd+bwd at least as fast as the best SDPA backend.
@@ -115,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nminti fwd+bwd slower than the best SDPA backend on {len(slower)} of {len(rows)} shapes"
           + "".join(f"\n  {r['model']} {r['block']} {r['kind']}: {r['minti_fwd_bwd_ms']:.3f} ms vs "
                     f"{_best_sdpa(r):.3f} ms" for r in slower))
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "attention.json"
-    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
+    split_rows = [r for r in rows if r["minti_padded_fwd_bwd_ms"] is not None]
+    if split_rows:
+        print("split head dim vs padded, fwd+bwd (padded ms / split ms; > 1: splitting pays):"
+              + "".join(f"\n  {r['model']} {r['block']} {r['kind']} D={r['head_dim']}: "
+                        f"{r['minti_padded_fwd_bwd_ms'] / r['minti_fwd_bwd_ms']:.2f}" for r in split_rows))
+    fa.SPLIT_HEAD_DIM = True
+    save(complete=True)
     print(f"wrote {path}")
     return 0
 

@@ -7,7 +7,9 @@ from lse: one kernel per key block accumulates dK/dV over all query blocks, a se
 per query block accumulates dQ over all key blocks (no atomics, deterministic).
 
 Causal masking is top-left aligned like SDPA's is_causal: query i sees keys j <= i, also
-when Nq != Nk. Accumulation is fp32 for every input dtype.
+when Nq != Nk. Accumulation is fp32 for every input dtype. Head dims that are not a power
+of two (SD 1.x: 40, 80, 160) are covered by two power-of-two column pieces rather than one
+tile padded with zeros (_head_pieces).
 
 The entry point is a torch custom op (forward and backward are separate ops with fake
 implementations) so the models trace on the meta device and under torch.compile.
@@ -118,23 +120,44 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, offs_n, offs_d,
-                   Nk, qk_scale, D: tl.constexpr, MASK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   PRECISION: tl.constexpr):
+    def _tile(base, rows, row_ok, s_row, s_col, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr,
+              MASK_ROWS: tl.constexpr):
+        """Rows `rows`, columns [COL0, COL0 + WIDTH) of a [N, D] matrix; zero past N (when
+        MASK_ROWS) and past D (a piece wider than what is left of the head dim)."""
+        cols = COL0 + tl.arange(0, WIDTH)
+        ok = cols[None, :] < D
+        if MASK_ROWS:
+            ok = ok & row_ok[:, None]
+        return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col, mask=ok, other=0.0)
+
+    @triton.jit
+    def _store_tile(base, x, rows, row_ok, s_row, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
+        cols = COL0 + tl.arange(0, WIDTH)
+        tl.store(base + rows[:, None] * s_row + cols[None, :], x.to(base.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols[None, :] < D))
+
+    # The head dim is covered by one or two power-of-two pieces (tl.arange and tl.dot need
+    # powers of two): D_LO columns, then D_HI more when D_HI > 0. D = 80 is 64 + 16 instead of
+    # one 128-wide tile padded with zeros, 160 is 128 + 32, 40 is 32 + 16 (see _head_pieces).
+    # Every product over the head dim is the sum of the two pieces' products; every product
+    # into it (P V, dS K, ...) is computed per piece. With D_HI = 0 the "hi" names are unused.
+
+    @triton.jit
+    def _fwd_block(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,
+                   offs_n, Nk, qk_scale, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                   MASK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
         """One key block of the online softmax. MASK_N=False for blocks fully inside the
-        valid (and, if causal, visible) region: no per-element masking on the hot path."""
+        valid (and, if causal, visible) region: no per-row masking on the hot path."""
         kn = start_n + offs_n
-        d_ok = offs_d < D
+        n_ok = kn < Nk
+        k_lo = _tile(k_base, kn, n_ok, skn, skd, 0, D_LO, D, MASK_N)
+        s = _dot(q_lo, tl.trans(k_lo), PRECISION)
+        if D_HI > 0:
+            k_hi = _tile(k_base, kn, n_ok, skn, skd, D_LO, D_HI, D, MASK_N)
+            s += _dot(q_hi, tl.trans(k_hi), PRECISION)
+        s = s * qk_scale
         if MASK_N:
-            n_ok = kn < Nk
-            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        s = _dot(q, kt, PRECISION) * qk_scale
-        if MASK_N:
-            ok = kn[None, :] < Nk
+            ok = n_ok[None, :]
             if CAUSAL:
                 ok = ok & (kn[None, :] <= offs_m[:, None])
             s = tl.where(ok, s, float("-inf"))
@@ -143,32 +166,38 @@ if triton is not None:
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        return acc, m_new, l_i
+        v_lo = _tile(v_base, kn, n_ok, svn, svd, 0, D_LO, D, MASK_N)
+        acc_lo = acc_lo * alpha[:, None] + _dot(p.to(v_lo.dtype), v_lo, PRECISION)
+        if D_HI > 0:
+            v_hi = _tile(v_base, kn, n_ok, svn, svd, D_LO, D_HI, D, MASK_N)
+            acc_hi = acc_hi * alpha[:, None] + _dot(p.to(v_hi.dtype), v_hi, PRECISION)
+        return acc_lo, acc_hi, m_new, l_i
 
     @triton.jit
     def _attn_fwd(Q, K, V, O, LSE,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                   H, Nq, Nk, scale,
-                  CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)  # D padded to a power of two, masked with offs_d < D
         m_ok = offs_m < Nq
-        d_ok = offs_d < D
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q_base = Q + b * sqb + h * sqh
+        q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
+        acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
+        q_hi, acc_hi = q_lo, acc_lo  # placeholders, unused unless D_HI > 0
+        if D_HI > 0:
+            q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
+            acc_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         qk_scale = scale * 1.4426950408889634  # work in base 2: exp2 is the fast instruction
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Key blocks [0, full_end) need no mask; [full_end, hi) do (ragged tail, diagonal).
         hi = Nk
         full_end = (Nk // BLOCK_N) * BLOCK_N
@@ -176,21 +205,30 @@ if triton is not None:
             hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
             full_end = tl.minimum(full_end, ((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n,
-                                       offs_m, offs_n, offs_d, Nk, qk_scale, D, False, CAUSAL, PRECISION)
+            acc_lo, acc_hi, m_i, l_i = _fwd_block(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, k_base, v_base, skn, skd,
+                                                  svn, svd, start_n, offs_m, offs_n, Nk, qk_scale,
+                                                  D, D_LO, D_HI, False, CAUSAL, PRECISION)
         for start_n in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n,
-                                       offs_m, offs_n, offs_d, Nk, qk_scale, D, True, CAUSAL, PRECISION)
-        out = acc / l_i[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+            acc_lo, acc_hi, m_i, l_i = _fwd_block(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, k_base, v_base, skn, skd,
+                                                  svn, svd, start_n, offs_m, offs_n, Nk, qk_scale,
+                                                  D, D_LO, D_HI, True, CAUSAL, PRECISION)
+        o_base = O + b * sob + h * soh
+        o_ptrs = o_base + offs_m[:, None] * som
+        cols = tl.arange(0, D_LO)
+        tl.store(o_ptrs + cols[None, :] * sod, (acc_lo / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & (cols[None, :] < D))
+        if D_HI > 0:
+            cols = D_LO + tl.arange(0, D_HI)
+            tl.store(o_ptrs + cols[None, :] * sod, (acc_hi / l_i[:, None]).to(O.dtype.element_ty),
+                     mask=m_ok[:, None] & (cols[None, :] < D))
         # lse in natural-log units, the same as the torch path: (m + log2 l) * ln 2.
         tl.store(LSE + bh * Nq + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
     @triton.jit
     def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Nq,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        """delta = rowsum(dO * O), the softmax-backward correction term (fp32)."""
+        """delta = rowsum(dO * O), the softmax-backward correction term (fp32). Memory-bound:
+        one padded power-of-two tile is as good as two pieces here."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -207,104 +245,138 @@ if triton is not None:
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                        H, Nq, Nk, scale,
-                       CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program per key block: loop over every query block that can see it."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
         n_ok = offs_n < Nk
-        d_ok = offs_d < D
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        k_lo = _tile(k_base, offs_n, n_ok, skn, skd, 0, D_LO, D, True)
+        v_lo = _tile(v_base, offs_n, n_ok, svn, svd, 0, D_LO, D, True)
+        dk_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
+        dv_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
+        if D_HI > 0:
+            k_hi = _tile(k_base, offs_n, n_ok, skn, skd, D_LO, D_HI, D, True)
+            v_hi = _tile(v_base, offs_n, n_ok, svn, svd, D_LO, D_HI, D, True)
+            dk_hi = tl.zeros([BLOCK_N, D_HI], tl.float32)
+            dv_hi = tl.zeros([BLOCK_N, D_HI], tl.float32)
         qk_scale = scale * 1.4426950408889634
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lo = 0
         if CAUSAL:  # queries before this key block cannot see it
             lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
         for start_m in range(lo, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Nq
-            qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
+            q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
+            do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
             lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate without transposing them.
-            st = _dot(k, tl.trans(q), PRECISION) * qk_scale
-            pt = tl.math.exp2(st - lse[None, :])
+            st = _dot(k_lo, tl.trans(q_lo), PRECISION)
+            dpt = _dot(v_lo, tl.trans(do_lo), PRECISION)
+            if D_HI > 0:
+                q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
+                do_hi = _tile(do_base, offs_m, m_ok, sdm, sdd, D_LO, D_HI, D, True)
+                st += _dot(k_hi, tl.trans(q_hi), PRECISION)
+                dpt += _dot(v_hi, tl.trans(do_hi), PRECISION)
+            pt = tl.math.exp2(st * qk_scale - lse[None, :])
             ok = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :])
             pt = tl.where(ok, pt, 0.0)
-            dv += _dot(pt.to(do.dtype), do, PRECISION)
-            dpt = _dot(v, tl.trans(do), PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, PRECISION)
-        tl.store(DK + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+            dst = (pt * (dpt - delta[None, :])).to(q_lo.dtype)
+            pt = pt.to(do_lo.dtype)
+            dv_lo += _dot(pt, do_lo, PRECISION)
+            dk_lo += _dot(dst, q_lo, PRECISION)
+            if D_HI > 0:
+                dv_hi += _dot(pt, do_hi, PRECISION)
+                dk_hi += _dot(dst, q_hi, PRECISION)
+        dk_base = DK + bh * Nk * D
+        dv_base = DV + bh * Nk * D
+        _store_tile(dk_base, dk_lo * scale, offs_n, n_ok, D, 0, D_LO, D)
+        _store_tile(dv_base, dv_lo, offs_n, n_ok, D, 0, D_LO, D)
+        if D_HI > 0:
+            _store_tile(dk_base, dk_hi * scale, offs_n, n_ok, D, D_LO, D_HI, D)
+            _store_tile(dv_base, dv_hi, offs_n, n_ok, D, D_LO, D_HI, D)
 
     @triton.jit
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                      H, Nq, Nk, scale,
-                     CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program per query block: loop over every key block it sees."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Nq
-        d_ok = offs_d < D
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
+        do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
+        dq_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
+        if D_HI > 0:
+            q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
+            do_hi = _tile(do_base, offs_m, m_ok, sdm, sdd, D_LO, D_HI, D, True)
+            dq_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
         lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
         qk_scale = scale * 1.4426950408889634
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         hi = Nk
         if CAUSAL:
             hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Nk
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            p = tl.math.exp2(s - lse[:, None])
+            k_lo = _tile(k_base, offs_n, n_ok, skn, skd, 0, D_LO, D, True)
+            v_lo = _tile(v_base, offs_n, n_ok, svn, svd, 0, D_LO, D, True)
+            s = _dot(q_lo, tl.trans(k_lo), PRECISION)
+            dp = _dot(do_lo, tl.trans(v_lo), PRECISION)
+            if D_HI > 0:
+                k_hi = _tile(k_base, offs_n, n_ok, skn, skd, D_LO, D_HI, D, True)
+                v_hi = _tile(v_base, offs_n, n_ok, svn, svd, D_LO, D_HI, D, True)
+                s += _dot(q_hi, tl.trans(k_hi), PRECISION)
+                dp += _dot(do_hi, tl.trans(v_hi), PRECISION)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
             ok = m_ok[:, None] & n_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= offs_m[:, None])
             p = tl.where(ok, p, 0.0)
-            dp = _dot(do, tl.trans(v), PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PRECISION)
-        tl.store(DQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+            ds = (p * (dp - delta[:, None])).to(k_lo.dtype)
+            dq_lo += _dot(ds, k_lo, PRECISION)
+            if D_HI > 0:
+                dq_hi += _dot(ds, k_hi, PRECISION)
+        dq_base = DQ + bh * Nq * D
+        _store_tile(dq_base, dq_lo * scale, offs_m, m_ok, D, 0, D_LO, D)
+        if D_HI > 0:
+            _store_tile(dq_base, dq_hi * scale, offs_m, m_ok, D, D_LO, D_HI, D)
 
-    # On a GPU, pick block sizes per (Nq, Nk, D) (the autotuner also keys on dtypes). Big
-    # head dims (BLOCK_D 256) need smaller tiles or they run out of shared memory/registers.
+    # On a GPU, pick block sizes per (Nq, Nk, D, D_LO) (the autotuner also keys on dtypes).
+    # Wide head tiles (256 columns) need smaller blocks or they run out of shared memory and
+    # registers.
     def _configs(pairs):
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
     def _prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-        if block_d >= 256:
+        width = kwargs.get("D_LO", named_args.get("D_LO", 64)) + kwargs.get("D_HI", named_args.get("D_HI", 0))
+        if width >= 256:
             return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
         return configs
 
     _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
     _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)])
-    _KEY = ["Nq", "Nk", "D"]
+    _KEY = ["Nq", "Nk", "D", "D_LO"]  # D_LO: split and padded tiles of one D tune apart
     _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
     _attn_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv)
     _attn_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq)
@@ -313,8 +385,30 @@ if triton is not None:
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.arange needs a power of two; tl.dot K >= 16
+# Split a head dim that is not a power of two into two power-of-two pieces (True), or pad it
+# to the next power of two (False). bench/attention.py times both ("minti_padded").
+SPLIT_HEAD_DIM = True
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.arange needs a power of two; tl.dot K >= 16
+
+
+def _head_pieces(d: int, split: bool | None = None) -> tuple[int, int]:
+    """(D_LO, D_HI): the power-of-two column pieces that cover head dim d, D_HI = 0 for one.
+
+    Padding d to a power of two wastes matmul work on zeros: 80 -> 128 is 60% more, 160 ->
+    256 too, and SD 1.x's head dims are 40, 80 and 160. Two pieces waste at most the second
+    one's rounding: 40 = 32 + 16 (8 zeros, padding has 24), 80 = 64 + 16, 160 = 128 + 32.
+    Where two pieces save nothing (24 = 16 + 16, 200 = 128 + 128) one padded tile is used.
+    """
+    split = SPLIT_HEAD_DIM if split is None else split
+    padded = _pow2_at_least_16(d)
+    lo = max(16, 1 << (d.bit_length() - 1))  # largest power of two <= d
+    if not split or d <= lo:
+        return padded, 0
+    hi = _pow2_at_least_16(d - lo)
+    return (lo, hi) if lo + hi < padded else (padded, 0)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -334,6 +428,11 @@ def _pick(kernel, tuned, x: torch.Tensor):
     return kernel, dict(_INTERPRET_BLOCKS)
 
 
+def _pieces_kwargs(d: int) -> dict:
+    lo, hi = _head_pieces(d)
+    return {"D_LO": lo, "D_HI": hi}
+
+
 def _triton_fwd(q, k, v, causal: bool, scale: float):
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -342,24 +441,23 @@ def _triton_fwd(q, k, v, causal: bool, scale: float):
     fn, blocks = _pick(_attn_fwd, _attn_fwd_tuned, q)
     fn[_grid(nq, "BLOCK_M", b, h)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, nq, nk, scale, CAUSAL=causal, D=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype), **blocks)
+        h, nq, nk, scale, CAUSAL=causal, D=d, **_pieces_kwargs(d), PRECISION=_precision(q.dtype), **blocks)
     return out, lse
 
 
 def _triton_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    block_d = _block_d(d)
     do = do.to(q.dtype)  # autograd hands back out.dtype; the dots need one dtype anyway
     delta = _k.new_output((b, h, nq), torch.float32, q.device)
     _attn_bwd_delta[(triton.cdiv(nq, 32), b * h)](
-        o, do, delta, *o.stride(), *do.stride(), h, nq, D=d, BLOCK_D=block_d, BLOCK_M=32)
+        o, do, delta, *o.stride(), *do.stride(), h, nq, D=d, BLOCK_D=_pow2_at_least_16(d), BLOCK_M=32)
     # dq/dk/dv are written contiguous; the kernels index them as [B*H, N, D].
     dq = _k.new_output((b, h, nq, d), q.dtype, q.device)
     dk = _k.new_output((b, h, nk, d), k.dtype, q.device)
     dv = _k.new_output((b, h, nk, d), v.dtype, q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    common = dict(CAUSAL=causal, D=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
+    common = dict(CAUSAL=causal, D=d, **_pieces_kwargs(d), PRECISION=_precision(q.dtype))
     fn, blocks = _pick(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, q)
     fn[_grid(nk, "BLOCK_N", b, h)](q, k, v, do, lse, delta, dk, dv, *strides, h, nq, nk, scale, **common, **blocks)
     fn, blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, q)

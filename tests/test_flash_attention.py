@@ -51,6 +51,26 @@ def test_forward_and_grads_match_float64_reference(d, nq, nk, causal, dtype, bac
     _check_against_reference(q, k, v, do, causal, backend)
 
 
+@pytest.mark.skipif(fa.triton is None, reason="Triton not installed")
+@pytest.mark.parametrize("d,pieces", [(40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (72, (64, 16)),
+                                      (96, (64, 32)), (64, (64, 0)), (24, (32, 0)), (8, (16, 0)), (200, (256, 0))])
+def test_head_dims_split_into_power_of_two_pieces_only_where_that_saves_work(d, pieces):
+    assert fa._head_pieces(d, split=True) == pieces
+    assert sum(pieces) >= d and sum(pieces) <= fa._head_pieces(d, split=False)[0]
+    assert fa._head_pieces(d, split=False) == (max(16, 1 << (d - 1).bit_length()), 0)
+
+
+@pytest.mark.skipif(not kt.triton_runs_here(), reason="Triton not installed (or no CUDA and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("split", [True, False], ids=["split", "padded"])
+@pytest.mark.parametrize("d", [40, 72, 80, 160])
+def test_split_and_padded_head_tiles_both_match_the_reference(d, split, poisoned, monkeypatch):
+    # 72 = 64 + 16 leaves 8 zero columns in the second piece; 80 and 160 fill it exactly.
+    monkeypatch.setattr(fa, "SPLIT_HEAD_DIM", split)
+    q, k, v, do = _inputs(1, 2, 45, 38, d, torch.float32, seed=d)
+    _check_against_reference(q, k, v, do, False, "triton")
+    _check_against_reference(q, k, v, do, True, "triton")
+
+
 @pytest.mark.parametrize("backend", kt.BACKENDS)
 def test_batch_and_heads_index_the_right_slices(backend, poisoned, small_torch_chunks):
     q, k, v, do = _inputs(2, 3, 37, 45, 24, torch.float32, seed=1)

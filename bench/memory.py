@@ -47,20 +47,28 @@ def minti_step(sd, vectors: list[torch.Tensor], optimizer, latents: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(fn, modules, extra, device: torch.device) -> tuple[int, list[str]]:
-    """-> (peak bytes, profile lines: where the peak happened and what was alive then)."""
+def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, list[str]]:
+    """-> (peak bytes, first step's peak bytes or None, profile lines: where the peak happened
+    and what was alive then).
+
+    On CUDA the peak is the second step's. The first step's is kept too: a user's first step
+    also compiles and autotunes the kernels (unless Triton's disk cache has them) and
+    allocates the optimizer state. The meta trace has no first step to tell apart (None)."""
     if device.type == "cuda":
-        fn()  # warm-up: kernels autotuned, optimizer state allocated
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(), []
+        first = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), first, []
     with MemoryTracer(modules, extra=extra) as tracer:
         fn()
     lines = [f"peak reached at {tracer.peak_at}; alive then:"]
     lines += [f"  {nbytes / 2**20:9.1f} MiB  {label}" for label, nbytes in tracer.peak_breakdown()]
-    return tracer.peak_bytes, lines
+    return tracer.peak_bytes, None, lines
 
 
 def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
@@ -72,9 +80,9 @@ def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch
     plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
     latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
     modules = [sd.unet, *sd.text_encoders]
-    peak, breakdown = measure(lambda: minti_step(sd, vectors, optimizer, latents, "a photo of <bench>"),
-                              modules, [*vectors, latents], device)
-    return peak, breakdown, plan
+    peak, first, breakdown = measure(lambda: minti_step(sd, vectors, optimizer, latents, "a photo of <bench>"),
+                                     modules, [*vectors, latents], device)
+    return peak, first, breakdown, plan
 
 
 def run_reference(family: str, resolution: int, batch: int, device: torch.device):
@@ -111,20 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "meta")
     family = FAMILIES[args.model]
     start = time.time()
-    peak, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device)
+    peak, first, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device)
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "meta (modelled, no GPU)",
               "method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "meta trace of live tensors",
               "memory_plan": plan, "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
     print(f"minti      {args.model} {args.resolution}² batch {args.batch_size} plan {plan}: {peak / GiB:.3f} GiB")
+    if first is not None:
+        result.update(first_step_peak_bytes=first, first_step_peak_gib=round(first / GiB, 3))
+        print(f"minti      first step (kernels compiled and tuned, optimizer state allocated): {first / GiB:.3f} GiB")
     if args.profile:
         print("\n".join(breakdown) or "  (no per-tensor profile on CUDA: use the meta trace, without CUDA)")
     if not args.no_reference:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        ref_peak, _ = run_reference(family, args.resolution, args.batch_size, device)
+        ref_peak, ref_first, _ = run_reference(family, args.resolution, args.batch_size, device)
         result.update(reference_peak_bytes=ref_peak, reference_peak_gib=round(ref_peak / GiB, 3),
                       ratio=round(peak / ref_peak, 3))
+        if ref_first is not None:
+            result.update(reference_first_step_peak_bytes=ref_first)
         print(f"reference  (diffusers example loop): {ref_peak / GiB:.3f} GiB   minti/reference = {peak / ref_peak:.2f}")
     result["seconds"] = round(time.time() - start, 1)
     out = os.environ.get("OUT")

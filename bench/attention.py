@@ -80,19 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     # The module, not the function of the same name that minti.kernels exports.
     fa = importlib.import_module("minti.kernels.flash_attention")
 
-    def minti(split: bool):
-        # The flag is read at each launch, the backward's included: set it on every call.
+    def minti(split: bool = True, one_pass: bool = True):
+        # The flags are read at each launch, the backward's included: set them on every call.
         def run(q, k, v):
-            fa.SPLIT_HEAD_DIM = split
+            fa.SPLIT_HEAD_DIM, fa.ONE_PASS_BACKWARD = split, one_pass
             return flash_attention(q, k, v, backend="triton")
         return run
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     impls = {
-        "minti": minti(True),
-        # Head dims that are not a power of two padded to one instead of split into two
-        # pieces (kernels/flash_attention.py, _head_pieces): the A/B for that choice.
-        "minti_padded": minti(False),
+        "minti": minti(),
+        # The A/B for two choices in kernels/flash_attention.py: head dims that are not a
+        # power of two padded to one instead of split into two pieces (_head_pieces), and
+        # the backward's dQ in a second pass instead of atomics (_one_pass_backward).
+        "minti_padded": minti(split=False),
+        "minti_two_pass": minti(one_pass=False),
         "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
     }
@@ -122,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             row = dict(model=model, block=block, kind=kind, batch=b, heads=h, nq=nq, nk=nk, head_dim=d,
                        dtype=args.dtype, minti_max_abs_err_vs_fp32=err)
             cells = []
-            same_tiles = fa._head_pieces(d, split=True) == fa._head_pieces(d, split=False)
+            # Nothing to compare where both layouts are the same (D a power of two), where the
+            # default already takes two passes (short key sequences), or forward-only.
+            skip = {"minti_padded": fa._head_pieces(d, split=True) == fa._head_pieces(d, split=False),
+                    "minti_two_pass": not fa._one_pass_backward(q, nk)}
             for name, fn in impls.items():
                 for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-                    skip = name == "minti_padded" and same_tiles  # D a power of two: nothing to compare
-                    ms = None if skip else _time(fn, q, k, v, do, backward)
+                    unused = skip.get(name, False) or (name == "minti_two_pass" and not backward)
+                    ms = None if unused else _time(fn, q, k, v, do, backward)
                     tflops = None if ms is None else _flops(b, h, nq, nk, d, backward) / (ms * 1e-3) / 1e12
                     row[f"{name}_{mode}_ms"] = ms
                     row[f"{name}_{mode}_tflops"] = tflops
@@ -140,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nminti fwd+bwd slower than the best SDPA backend on {len(slower)} of {len(rows)} shapes"
           + "".join(f"\n  {r['model']} {r['block']} {r['kind']}: {r['minti_fwd_bwd_ms']:.3f} ms vs "
                     f"{_best_sdpa(r):.3f} ms" for r in slower))
-    split_rows = [r for r in rows if r["minti_padded_fwd_bwd_ms"] is not None]
-    if split_rows:
-        print("split head dim vs padded, fwd+bwd (padded ms / split ms; > 1: splitting pays):"
-              + "".join(f"\n  {r['model']} {r['block']} {r['kind']} D={r['head_dim']}: "
-                        f"{r['minti_padded_fwd_bwd_ms'] / r['minti_fwd_bwd_ms']:.2f}" for r in split_rows))
-    fa.SPLIT_HEAD_DIM = True
+    for other, what in (("minti_padded", "padded head dim vs split"), ("minti_two_pass", "two-pass backward vs one")):
+        compared = [r for r in rows if r[f"{other}_fwd_bwd_ms"] is not None]
+        if compared:
+            print(f"{what}, fwd+bwd ({other} ms / minti ms; > 1: minti's default pays):"
+                  + "".join(f"\n  {r['model']} {r['block']} {r['kind']} D={r['head_dim']}: "
+                            f"{r[f'{other}_fwd_bwd_ms'] / r['minti_fwd_bwd_ms']:.2f}" for r in compared))
+    fa.SPLIT_HEAD_DIM, fa.ONE_PASS_BACKWARD = True, True
     save(complete=True)
     print(f"wrote {path}")
     return 0

@@ -3,8 +3,10 @@
 Layout: q [B,H,Nq,D], k/v [B,H,Nk,D] -> out [B,H,Nq,D]. Forward keeps a running max and
 sum per query row (online softmax) and saves only q, k, v, out and the per-row
 log-sum-exp (lse, fp32, [B,H,Nq]). Backward recomputes the probabilities block by block
-from lse: one kernel per key block accumulates dK/dV over all query blocks, a second one
-per query block accumulates dQ over all key blocks (no atomics, deterministic).
+from lse: one kernel per key block accumulates dK/dV over all query blocks and adds its
+share of dQ with fp32 atomics; where that leaves the GPU mostly idle (cross-attention to
+77 tokens), or when torch asks for deterministic algorithms, a second kernel per query
+block computes dQ instead (_one_pass_backward).
 
 Causal masking is top-left aligned like SDPA's is_causal: query i sees keys j <= i, also
 when Nq != Nk. Accumulation is fp32 for every input dtype. Head dims that are not a power
@@ -137,6 +139,11 @@ if triton is not None:
         tl.store(base + rows[:, None] * s_row + cols[None, :], x.to(base.dtype.element_ty),
                  mask=row_ok[:, None] & (cols[None, :] < D))
 
+    @triton.jit
+    def _atomic_add_tile(base, x, rows, row_ok, s_row, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
+        cols = COL0 + tl.arange(0, WIDTH)
+        tl.atomic_add(base + rows[:, None] * s_row + cols[None, :], x, mask=row_ok[:, None] & (cols[None, :] < D))
+
     # The head dim is covered by one or two power-of-two pieces (tl.arange and tl.dot need
     # powers of two): D_LO columns, then D_HI more when D_HI > 0. D = 80 is 64 + 16 instead of
     # one 128-wide tile padded with zeros, 160 is 128 + 32, 40 is 32 + 16 (see _head_pieces).
@@ -243,12 +250,15 @@ if triton is not None:
         tl.store(DELTA + bh * Nq + offs_m, delta, mask=offs_m < Nq)
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                        H, Nq, Nk, scale,
                        CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One program per key block: loop over every query block that can see it."""
+                       DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program per key block: loop over every query block that can see it. With
+        DQ_ATOMIC it also adds this key block's share of dQ = dS K into DQ (fp32, zeroed
+        first) with atomics; without, _attn_bwd_dq computes dQ in a second pass."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -299,6 +309,12 @@ if triton is not None:
             if D_HI > 0:
                 dv_hi += _dot(pt, do_hi, PRECISION)
                 dk_hi += _dot(dst, q_hi, PRECISION)
+            if DQ_ATOMIC:
+                ds = tl.trans(dst)  # [BLOCK_M, BLOCK_N]
+                dq_base = DQ + bh * Nq * D
+                _atomic_add_tile(dq_base, _dot(ds, k_lo, PRECISION) * scale, offs_m, m_ok, D, 0, D_LO, D)
+                if D_HI > 0:
+                    _atomic_add_tile(dq_base, _dot(ds, k_hi, PRECISION) * scale, offs_m, m_ok, D, D_LO, D_HI, D)
         dk_base = DK + bh * Nk * D
         dv_base = DV + bh * Nk * D
         _store_tile(dk_base, dk_lo * scale, offs_n, n_ok, D, 0, D_LO, D)
@@ -405,9 +421,9 @@ if triton is not None:
         times = sorted(start.elapsed_time(end) for start, end in runs)
         return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
 
-    def _autotune(configs):
-        options = {"key": ["Nq", "Nk", "D", "D_LO"],  # D_LO: split and padded tiles of one D tune apart
-                   "prune_configs_by": {"early_config_prune": _prune}}
+    def _autotune(configs, extra_key=(), **options):
+        options.update(key=["Nq", "Nk", "D", "D_LO", *extra_key],  # D_LO: split and padded tiles tune apart
+                       prune_configs_by={"early_config_prune": _prune})
         accepted = inspect.signature(triton.autotune).parameters  # both are newer than Triton 3.0
         if "do_bench" in accepted:
             options["do_bench"] = _time_for_tuning
@@ -416,7 +432,8 @@ if triton is not None:
         return triton.autotune(configs, **options)
 
     _attn_fwd_tuned = _autotune(_FWD_CONFIGS)(_attn_fwd)
-    _attn_bwd_dkdv_tuned = _autotune(_BWD_CONFIGS)(_attn_bwd_dkdv)
+    # Each timed run adds into DQ: the autotuner zeroes it before every run and once after.
+    _attn_bwd_dkdv_tuned = _autotune(_BWD_CONFIGS, ["DQ_ATOMIC"], reset_to_zero=["DQ"])(_attn_bwd_dkdv)
     _attn_bwd_dq_tuned = _autotune(_BWD_CONFIGS)(_attn_bwd_dq)
 
 # The interpreter runs every config it is given, so it gets fixed small blocks instead.
@@ -466,6 +483,28 @@ def _pick(kernel, tuned, x: torch.Tensor):
     return kernel, dict(_INTERPRET_BLOCKS)
 
 
+# The backward in one pass per key block that also adds its share of dQ with fp32 atomics
+# (5 matmuls per pair of blocks, probabilities computed once), as FlashAttention-2 does, or
+# in two (a second pass per query block computes dQ: 7 matmuls, probabilities twice, but
+# deterministic and parallel over query blocks). One pass runs B*H*ceil(Nk/64) programs,
+# which for cross-attention to 77 text tokens is 2 per head: too few to fill a GPU, so short
+# key sequences keep the two passes. bench/attention.py times both ("minti_two_pass").
+ONE_PASS_BACKWARD = True
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _one_pass_backward(q: torch.Tensor, nk: int) -> bool:
+    """One pass unless turned off, torch.use_deterministic_algorithms(True) asks for
+    reproducible sums (atomics add in any order), or it would leave half the SMs idle."""
+    if not ONE_PASS_BACKWARD or torch.are_deterministic_algorithms_enabled():
+        return False
+    b, h = q.shape[:2]
+    return b * h * triton.cdiv(nk, 64) >= _sm_count(q.device) // 2
+
+
 def _pieces_kwargs(d: int) -> dict:
     lo, hi = _head_pieces(d)
     return {"D_LO": lo, "D_HI": hi}
@@ -491,13 +530,20 @@ def _triton_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     _attn_bwd_delta[(triton.cdiv(nq, 32), b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, nq, D=d, BLOCK_D=_pow2_at_least_16(d), BLOCK_M=32)
     # dq/dk/dv are written contiguous; the kernels index them as [B*H, N, D].
-    dq = _k.new_output((b, h, nq, d), q.dtype, q.device)
+    one_pass = _one_pass_backward(q, nk)
+    if one_pass:
+        dq = torch.zeros((b, h, nq, d), dtype=torch.float32, device=q.device)  # atomics add into it
+    else:
+        dq = _k.new_output((b, h, nq, d), q.dtype, q.device)
     dk = _k.new_output((b, h, nk, d), k.dtype, q.device)
     dv = _k.new_output((b, h, nk, d), v.dtype, q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     common = dict(CAUSAL=causal, D=d, **_pieces_kwargs(d), PRECISION=_precision(q.dtype))
     fn, blocks = _pick(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, q)
-    fn[_grid(nk, "BLOCK_N", b, h)](q, k, v, do, lse, delta, dk, dv, *strides, h, nq, nk, scale, **common, **blocks)
+    fn[_grid(nk, "BLOCK_N", b, h)](q, k, v, do, lse, delta, dk, dv, dq, *strides, h, nq, nk, scale,
+                                   DQ_ATOMIC=one_pass, **common, **blocks)
+    if one_pass:
+        return dq.to(q.dtype), dk, dv
     fn, blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, q)
     fn[_grid(nq, "BLOCK_M", b, h)](q, k, v, do, lse, delta, dq, *strides, h, nq, nk, scale, **common, **blocks)
     return dq, dk, dv
@@ -550,7 +596,8 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @_flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, scale, backend):
-    # Both paths return contiguous gradients, whatever the inputs' strides.
+    # Both paths return contiguous gradients, whatever the inputs' strides. Not modelled:
+    # the one-pass backward's transient fp32 dQ buffer (12 MiB at most at SD 1.5/2.1 shapes).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -107,6 +107,33 @@ def test_autotuner_times_configs_with_a_timer_that_allocates_no_l2_flush_buffer(
     assert (p20, median, p80) == (1.0, 3.0, 5.0)
 
 
+@pytest.mark.skipif(not kt.triton_runs_here(), reason="Triton not installed (or no CUDA and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d,nq,nk", SHAPES)
+def test_two_pass_backward_matches_the_reference_too(d, nq, nk, causal, dtype, poisoned, monkeypatch):
+    # The tests above run the one-pass backward (atomic dQ): on the CPU there are no SMs to fill.
+    monkeypatch.setattr(fa, "ONE_PASS_BACKWARD", False)
+    q, k, v, do = _inputs(1, 2, nq, nk, d, dtype, seed=d + nk)
+    _check_against_reference(q, k, v, do, causal, "triton")
+
+
+@pytest.mark.skipif(fa.triton is None, reason="Triton not installed")
+def test_backward_takes_one_pass_only_with_enough_key_blocks_and_no_determinism_request(monkeypatch):
+    monkeypatch.setattr(fa, "_sm_count", lambda device: 132)  # an H100
+    self_attn = torch.empty(1, 8, 4096, 40)  # SD 1.5 at 64^2: 8 heads x 64 key blocks
+    assert fa._one_pass_backward(self_attn, 4096)
+    assert not fa._one_pass_backward(self_attn, 77)  # cross-attention: 8 heads x 2 key blocks
+    assert fa._one_pass_backward(torch.empty(2, 20, 144, 64), 144)  # 40 x 3 = 120 >= 66
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not fa._one_pass_backward(self_attn, 4096)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(fa, "ONE_PASS_BACKWARD", False)
+    assert not fa._one_pass_backward(self_attn, 4096)
+
+
 @pytest.mark.parametrize("backend", kt.BACKENDS)
 def test_batch_and_heads_index_the_right_slices(backend, poisoned, small_torch_chunks):
     q, k, v, do = _inputs(2, 3, 37, 45, 24, torch.float32, seed=1)

@@ -4,7 +4,10 @@ backends), forward and forward+backward, at the real SD 1.5 / SD 2.1 / SDXL UNet
     python bench/attention.py [--batch 1] [--dtype fp16]
 
 Prints a table of median times (triton.testing.do_bench) and achieved TFLOP/s and writes
-JSON to $OUT/attention.json if OUT is set, else bench/results/attention.json. Needs CUDA:
+JSON to $OUT/attention.json if OUT is set, else bench/results/attention.json. Two more
+minti columns time the alternatives to two of its choices, so one GPU run can tell whether
+they pay: minti_padded (head dims 40/80/160 padded to a power of two instead of split into
+two pieces) and minti_two_pass (dQ in a second backward pass instead of atomics). Needs CUDA:
 without it, it says so and exits 0. Batch 1 by default: textual inversion trains one image
 per step without classifier-free guidance.
 """
@@ -124,13 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             row = dict(model=model, block=block, kind=kind, batch=b, heads=h, nq=nq, nk=nk, head_dim=d,
                        dtype=args.dtype, minti_max_abs_err_vs_fp32=err)
             cells = []
-            # Nothing to compare where both layouts are the same (D a power of two), where the
-            # default already takes two passes (short key sequences), or forward-only.
-            skip = {"minti_padded": fa._head_pieces(d, split=True) == fa._head_pieces(d, split=False),
-                    "minti_two_pass": not fa._one_pass_backward(q, nk)}
+            # Nothing to compare where both layouts are the same (D a power of two), or for the
+            # backward's variant forward-only.
+            same_tiles = fa._head_pieces(d, split=True) == fa._head_pieces(d, split=False)
             for name, fn in impls.items():
                 for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-                    unused = skip.get(name, False) or (name == "minti_two_pass" and not backward)
+                    unused = (name == "minti_padded" and same_tiles) or (name == "minti_two_pass" and not backward)
                     ms = None if unused else _time(fn, q, k, v, do, backward)
                     tflops = None if ms is None else _flops(b, h, nq, nk, d, backward) / (ms * 1e-3) / 1e12
                     row[f"{name}_{mode}_ms"] = ms

@@ -3,10 +3,10 @@
 Layout: q [B,H,Nq,D], k/v [B,H,Nk,D] -> out [B,H,Nq,D]. Forward keeps a running max and
 sum per query row (online softmax) and saves only q, k, v, out and the per-row
 log-sum-exp (lse, fp32, [B,H,Nq]). Backward recomputes the probabilities block by block
-from lse: one kernel per key block accumulates dK/dV over all query blocks and adds its
-share of dQ with fp32 atomics; where that leaves the GPU mostly idle (cross-attention to
-77 tokens), or when torch asks for deterministic algorithms, a second kernel per query
-block computes dQ instead (_one_pass_backward).
+from lse: one kernel per key block (and query range, where there are too few key blocks
+to fill the GPU: _query_splits) accumulates dK/dV and adds its share of dQ with fp32
+atomics; when torch asks for deterministic algorithms, a second kernel per query block
+computes dQ instead (_one_pass_backward).
 
 Causal masking is top-left aligned like SDPA's is_causal: query i sees keys j <= i, also
 when Nq != Nk. Accumulation is fp32 for every input dtype. Head dims that are not a power
@@ -252,13 +252,15 @@ if triton is not None:
     @triton.jit
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                       H, Nq, Nk, scale,
+                       H, Nq, Nk, scale, SPLITS,
                        CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
                        DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One program per key block: loop over every query block that can see it. With
-        DQ_ATOMIC it also adds this key block's share of dQ = dS K into DQ (fp32, zeroed
-        first) with atomics; without, _attn_bwd_dq computes dQ in a second pass."""
+        """One program per key block and query range (program_id 2 of SPLITS): loop over the
+        range's query blocks that can see the key block. With SPLITS > 1, DK/DV are fp32
+        [SPLITS, B*H, Nk, D] partial sums that the launcher adds up. With DQ_ATOMIC it also
+        adds this key block's share of dQ = dS K into DQ (fp32, zeroed first) with atomics;
+        without, _attn_bwd_dq computes dQ in a second pass."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -279,10 +281,12 @@ if triton is not None:
             dk_hi = tl.zeros([BLOCK_N, D_HI], tl.float32)
             dv_hi = tl.zeros([BLOCK_N, D_HI], tl.float32)
         qk_scale = scale * 1.4426950408889634
-        lo = 0
+        per_split = tl.cdiv(tl.cdiv(Nq, BLOCK_M), SPLITS) * BLOCK_M
+        lo = tl.program_id(2) * per_split
+        hi = tl.minimum(Nq, lo + per_split)
         if CAUSAL:  # queries before this key block cannot see it
-            lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
-        for start_m in range(lo, Nq, BLOCK_M):
+            lo = tl.maximum(lo, ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M)
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Nq
             q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
@@ -315,8 +319,9 @@ if triton is not None:
                 _atomic_add_tile(dq_base, _dot(ds, k_lo, PRECISION) * scale, offs_m, m_ok, D, 0, D_LO, D)
                 if D_HI > 0:
                     _atomic_add_tile(dq_base, _dot(ds, k_hi, PRECISION) * scale, offs_m, m_ok, D, D_LO, D_HI, D)
-        dk_base = DK + bh * Nk * D
-        dv_base = DV + bh * Nk * D
+        part = (tl.program_id(2) * tl.num_programs(1) + bh) * Nk * D
+        dk_base = DK + part
+        dv_base = DV + part
         _store_tile(dk_base, dk_lo * scale, offs_n, n_ok, D, 0, D_LO, D)
         _store_tile(dv_base, dv_lo, offs_n, n_ok, D, 0, D_LO, D)
         if D_HI > 0:
@@ -473,8 +478,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if _INTERPRET else "tf32"  # "tf32" is ignored for fp16/bf16 operands
 
 
-def _grid(rows: int, block_key: str, b: int, h: int):
-    return lambda m: (triton.cdiv(rows, m[block_key]), b * h)
+def _grid(rows: int, block_key: str, b: int, h: int, splits: int = 1):
+    return lambda m: (triton.cdiv(rows, m[block_key]), b * h, splits)
 
 
 def _pick(kernel, tuned, x: torch.Tensor):
@@ -485,24 +490,33 @@ def _pick(kernel, tuned, x: torch.Tensor):
 
 # The backward in one pass per key block that also adds its share of dQ with fp32 atomics
 # (5 matmuls per pair of blocks, probabilities computed once), as FlashAttention-2 does, or
-# in two (a second pass per query block computes dQ: 7 matmuls, probabilities twice, but
-# deterministic and parallel over query blocks). One pass runs B*H*ceil(Nk/64) programs,
-# which for cross-attention to 77 text tokens is 2 per head: too few to fill a GPU, so short
-# key sequences keep the two passes. bench/attention.py times both ("minti_two_pass").
+# in two (a second pass per query block computes dQ: 7 matmuls, probabilities twice, but the
+# sums come out the same every run). bench/attention.py times both ("minti_two_pass").
 ONE_PASS_BACKWARD = True
+
+
+def _one_pass_backward() -> bool:
+    """One pass unless turned off or torch.use_deterministic_algorithms(True) asks for
+    reproducible sums (atomics add in any order)."""
+    return ONE_PASS_BACKWARD and not torch.are_deterministic_algorithms_enabled()
 
 
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-def _one_pass_backward(q: torch.Tensor, nk: int) -> bool:
-    """One pass unless turned off, torch.use_deterministic_algorithms(True) asks for
-    reproducible sums (atomics add in any order), or it would leave half the SMs idle."""
-    if not ONE_PASS_BACKWARD or torch.are_deterministic_algorithms_enabled():
-        return False
-    b, h = q.shape[:2]
-    return b * h * triton.cdiv(nk, 64) >= _sm_count(q.device) // 2
+def _query_splits(q: torch.Tensor, nk: int) -> int:
+    """How many query ranges the dK/dV kernel splits into.
+
+    It runs one program per head and key block: B*H*ceil(Nk/64), which for cross-attention
+    to 77 text tokens is 2 per head, 16 for SD 1.5 on a GPU with 100+ SMs. Splitting the
+    query range gives about two programs per SM; each range keeps at least 256 query rows
+    (at 64^2, 16 ranges: 256 programs), and its partial dK/dV (fp32, 1.6 MiB in all for SD
+    1.5's 64^2 cross-attention) is summed afterwards.
+    """
+    b, h, nq = q.shape[:3]
+    wanted = triton.cdiv(2 * _sm_count(q.device), b * h * triton.cdiv(nk, 64))
+    return max(1, min(wanted, nq // 256))
 
 
 def _pieces_kwargs(d: int) -> dict:
@@ -530,18 +544,24 @@ def _triton_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     _attn_bwd_delta[(triton.cdiv(nq, 32), b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, nq, D=d, BLOCK_D=_pow2_at_least_16(d), BLOCK_M=32)
     # dq/dk/dv are written contiguous; the kernels index them as [B*H, N, D].
-    one_pass = _one_pass_backward(q, nk)
+    one_pass, splits = _one_pass_backward(), _query_splits(q, nk)
     if one_pass:
         dq = torch.zeros((b, h, nq, d), dtype=torch.float32, device=q.device)  # atomics add into it
     else:
         dq = _k.new_output((b, h, nq, d), q.dtype, q.device)
-    dk = _k.new_output((b, h, nk, d), k.dtype, q.device)
-    dv = _k.new_output((b, h, nk, d), v.dtype, q.device)
+    if splits > 1:  # one fp32 partial sum per query range
+        dk = _k.new_output((splits, b, h, nk, d), torch.float32, q.device)
+        dv = _k.new_output((splits, b, h, nk, d), torch.float32, q.device)
+    else:
+        dk = _k.new_output((b, h, nk, d), k.dtype, q.device)
+        dv = _k.new_output((b, h, nk, d), v.dtype, q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     common = dict(CAUSAL=causal, D=d, **_pieces_kwargs(d), PRECISION=_precision(q.dtype))
     fn, blocks = _pick(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, q)
-    fn[_grid(nk, "BLOCK_N", b, h)](q, k, v, do, lse, delta, dk, dv, dq, *strides, h, nq, nk, scale,
-                                   DQ_ATOMIC=one_pass, **common, **blocks)
+    fn[_grid(nk, "BLOCK_N", b, h, splits)](q, k, v, do, lse, delta, dk, dv, dq, *strides, h, nq, nk, scale, splits,
+                                           DQ_ATOMIC=one_pass, **common, **blocks)
+    if splits > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     if one_pass:
         return dq.to(q.dtype), dk, dv
     fn, blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, q)
@@ -597,7 +617,8 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 @_flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, scale, backend):
     # Both paths return contiguous gradients, whatever the inputs' strides. Not modelled:
-    # the one-pass backward's transient fp32 dQ buffer (12 MiB at most at SD 1.5/2.1 shapes).
+    # the Triton backward's transient fp32 buffers (dQ for the atomics, partial dK/dV for
+    # split query ranges), 12 MiB at most at SD 1.5/2.1 shapes.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -119,19 +119,37 @@ def test_two_pass_backward_matches_the_reference_too(d, nq, nk, causal, dtype, p
 
 
 @pytest.mark.skipif(fa.triton is None, reason="Triton not installed")
-def test_backward_takes_one_pass_only_with_enough_key_blocks_and_no_determinism_request(monkeypatch):
-    monkeypatch.setattr(fa, "_sm_count", lambda device: 132)  # an H100
-    self_attn = torch.empty(1, 8, 4096, 40)  # SD 1.5 at 64^2: 8 heads x 64 key blocks
-    assert fa._one_pass_backward(self_attn, 4096)
-    assert not fa._one_pass_backward(self_attn, 77)  # cross-attention: 8 heads x 2 key blocks
-    assert fa._one_pass_backward(torch.empty(2, 20, 144, 64), 144)  # 40 x 3 = 120 >= 66
+def test_backward_is_one_pass_unless_torch_asks_for_determinism(monkeypatch):
+    assert fa._one_pass_backward()
     torch.use_deterministic_algorithms(True)
     try:
-        assert not fa._one_pass_backward(self_attn, 4096)
+        assert not fa._one_pass_backward()
     finally:
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(fa, "ONE_PASS_BACKWARD", False)
-    assert not fa._one_pass_backward(self_attn, 4096)
+    assert not fa._one_pass_backward()
+
+
+@pytest.mark.skipif(fa.triton is None, reason="Triton not installed")
+def test_query_range_splits_fill_a_gpu_only_where_key_blocks_are_few(monkeypatch):
+    monkeypatch.setattr(fa, "_sm_count", lambda device: 132)  # an H100
+    sd15_64 = torch.empty(1, 8, 4096, 40)
+    assert fa._query_splits(sd15_64, 4096) == 1  # self-attention: 8 heads x 64 key blocks
+    assert fa._query_splits(sd15_64, 77) == 16  # cross: 8 x 2 programs -> 256, 256 rows each
+    assert fa._query_splits(torch.empty(1, 8, 256, 160), 77) == 1  # 16^2: too few rows to split
+    monkeypatch.setattr(fa, "_sm_count", lambda device: 0)  # the CPU: nothing to fill
+    assert fa._query_splits(sd15_64, 77) == 1
+
+
+@pytest.mark.skipif(not kt.triton_runs_here(), reason="Triton not installed (or no CUDA and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_split_query_ranges_sum_to_the_reference_gradients(causal, one_pass, poisoned, monkeypatch):
+    # 3 ranges over 300 query rows in 32-row blocks: 4 + 4 + 2 blocks, the last one ragged.
+    monkeypatch.setattr(fa, "_query_splits", lambda q, nk: 3)
+    monkeypatch.setattr(fa, "ONE_PASS_BACKWARD", one_pass)
+    q, k, v, do = _inputs(1, 2, 300, 77, 40, torch.float32, seed=5)
+    _check_against_reference(q, k, v, do, causal, "triton")
 
 
 @pytest.mark.parametrize("backend", kt.BACKENDS)

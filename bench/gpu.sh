@@ -118,7 +118,11 @@ if [ "$SMOKE" = 1 ]; then
 else
     sizes=("sd15 512" "sd21 768")
 fi
-run attention 150 0 env OUT="$DEST" "$PY" bench/attention.py
+# attention.py pays most of the Triton compiling and autotuning (28 kernel variants, from 7
+# head-dim layouts x fwd, two dK/dV kinds and dQ, x up to 5 configs, more where lengths are not
+# multiples of 16); the later runs find both in Triton's disk cache. It saves its
+# JSON after every shape, so a cut-short run keeps what it timed.
+run attention 200 0 env OUT="$DEST" "$PY" bench/attention.py
 for size in "${sizes[@]}"; do
     set -- $size
     for mode in auto low; do

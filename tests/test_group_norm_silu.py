@@ -6,6 +6,7 @@ import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imp
 from kernel_testing import poisoned  # noqa: F401  (fixture)
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 gn = importlib.import_module("minti.kernels.group_norm_silu")
 
@@ -92,3 +93,31 @@ def test_traces_under_torch_compile():
     xr = x.detach().double().requires_grad_()
     gn.group_norm_silu_reference(xr, w.double(), b.double(), 4, 1e-5).sum().backward()
     assert kt.rel_err(x.grad, xr.grad) <= 1e-5
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every aten op that runs while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not kt.triton_runs_here(), reason="Triton not installed (or no CUDA and TRITON_INTERPRET unset)")
+def test_triton_path_merges_group_statistics_in_its_kernels_not_in_torch_ops():
+    # At batch 1 each small torch op between the kernels is a launch that costs more CPU time
+    # than the GPU work it does; the statistics merge used to be ten of them per call.
+    x, w, b, dout = _inputs((1, 8, 64, 64), torch.float32, seed=2)  # 16 chunks per group
+    x.requires_grad_()
+    with _AtenOps() as fwd_ops:
+        out = gn.group_norm_silu(x, w, b, 2, 1e-5, backend="triton")
+    with _AtenOps() as bwd_ops:
+        out.backward(dout)
+    # Allocation, views, and the interpreter's own copies in and out of its numpy buffers.
+    bookkeeping = {"empty", "new_empty", "view", "detach", "copy_", "set_", "_to_copy"}
+    assert fwd_ops.names <= bookkeeping, fwd_ops.names - bookkeeping
+    assert bwd_ops.names <= bookkeeping, bwd_ops.names - bookkeeping

@@ -10,7 +10,7 @@ None, i.e. no gradient, even if they have requires_grad set.
 
 Statistics: each chunk of a group computes its own mean and centred sum of squares
 (two-pass inside the chunk), and the chunks are merged with Chan's parallel formula by
-the normalising kernel itself (two launches per call, no torch ops between them). This
+a one-program-per-group kernel (three launches per call, no torch ops between them). This
 spreads one group over many programs (a VAE group at 512^2 has a million elements) without
 the cancellation of E[x^2] - E[x]^2.
 """
@@ -107,23 +107,26 @@ if triton is not None:
         return tl.load(PARTS + bg * n_chunks + offs, mask=offs < n_chunks, other=0.0)
 
     @triton.jit
-    def _gn_fwd(X, W, B, COUNT, CMEAN, M2, MEAN, RSTD, OUT, M, S, C, G, n_chunks, eps,
-                SILU: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
+    def _gn_merge(COUNT, CMEAN, M2, MEAN, RSTD, M, n_chunks, eps, N_CHUNKS: tl.constexpr):
+        """One program per group: Chan's merge of its chunk statistics into mean and rstd.
+        A kernel of its own rather than torch ops: those were ten small launches per call,
+        which at batch 1 cost more CPU time than the GPU work they do."""
         bg = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-        mask = offs < M
-        # Chan's merge of the chunk statistics. Every program of the group does it itself (a
-        # few dozen floats): cheaper than the ten small torch launches it replaces, which
-        # at batch 1 cost more CPU time than the kernels take on the GPU.
         count = _group_sums(COUNT, bg, n_chunks, N_CHUNKS)
         cmean = _group_sums(CMEAN, bg, n_chunks, N_CHUNKS)
         mean = tl.sum(count * cmean, 0) / M
         spread = cmean - mean
         var = (tl.sum(_group_sums(M2, bg, n_chunks, N_CHUNKS), 0) + tl.sum(count * spread * spread, 0)) / M
-        rstd = 1.0 / tl.sqrt(var + eps)
-        first = tl.program_id(1) == 0  # one program per group saves them for backward
-        tl.store(MEAN + bg, mean, mask=first)
-        tl.store(RSTD + bg, rstd, mask=first)
+        tl.store(MEAN + bg, mean)
+        tl.store(RSTD + bg, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def _gn_fwd(X, W, B, MEAN, RSTD, OUT, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
+        bg = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < M
+        mean = tl.load(MEAN + bg)
+        rstd = tl.load(RSTD + bg)
         chan = (bg % G) * (C // G) + offs // S  # channel of each element of the group
         x = tl.load(X + bg * M + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + chan, mask=mask, other=0.0).to(tl.float32)
@@ -162,16 +165,19 @@ if triton is not None:
         tl.store(SUM2 + bg * n_chunks + ch, tl.sum(dy * y_hat, 0))
 
     @triton.jit
-    def _gn_bwd_dx(X, DOUT, W, B, MEAN, RSTD, SUM1, SUM2, DX, M, S, C, G, n_chunks,
-                   SILU: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
+    def _gn_bwd_merge(SUM1, SUM2, C1, C2, M, n_chunks, N_CHUNKS: tl.constexpr):
+        """One program per group: the group means of dy_hat and dy_hat * y_hat (see _gn_merge)."""
+        bg = tl.program_id(0).to(tl.int64)
+        tl.store(C1 + bg, tl.sum(_group_sums(SUM1, bg, n_chunks, N_CHUNKS), 0) / M)
+        tl.store(C2 + bg, tl.sum(_group_sums(SUM2, bg, n_chunks, N_CHUNKS), 0) / M)
+
+    @triton.jit
+    def _gn_bwd_dx(X, DOUT, W, B, MEAN, RSTD, C1, C2, DX, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
         bg = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
         mask = offs < M
-        # The group means of dy_hat and dy_hat * y_hat, merged in every program (see _gn_fwd).
-        c1 = tl.sum(_group_sums(SUM1, bg, n_chunks, N_CHUNKS), 0) / M
-        c2 = tl.sum(_group_sums(SUM2, bg, n_chunks, N_CHUNKS), 0) / M
         dy, y_hat = _gn_dy_hat(X, DOUT, W, B, MEAN, RSTD, bg, M, S, C, G, mask, offs, SILU)
-        dx = (dy - c1 - y_hat * c2) * tl.load(RSTD + bg)
+        dx = (dy - tl.load(C1 + bg) - y_hat * tl.load(C2 + bg)) * tl.load(RSTD + bg)
         tl.store(DX + bg * M + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -193,9 +199,9 @@ def _triton_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
     count, cmean, m2 = (torch.empty((b * groups, n_chunks), dtype=torch.float32, device=x.device) for _ in range(3))
     _gn_stats[grid](x, count, cmean, m2, m, n_chunks, CHUNK=chunk)
     mean, rstd = (_k.new_output((b, groups), torch.float32, x.device) for _ in range(2))
+    _gn_merge[(b * groups,)](count, cmean, m2, mean, rstd, m, n_chunks, eps, N_CHUNKS=_pow2(n_chunks))
     out = _k.new_output(x.shape, x.dtype, x.device)
-    _gn_fwd[grid](x, weight, bias, count, cmean, m2, mean, rstd, out, m, s, c, groups, n_chunks, eps,
-                  SILU=silu, CHUNK=chunk, N_CHUNKS=_pow2(n_chunks))
+    _gn_fwd[grid](x, weight, bias, mean, rstd, out, m, s, c, groups, SILU=silu, CHUNK=chunk)
     return out, mean, rstd
 
 
@@ -210,9 +216,10 @@ def _triton_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
     mean, rstd = mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous()
     sum1, sum2 = (torch.empty((b * groups, n_chunks), dtype=torch.float32, device=x.device) for _ in range(2))
     _gn_bwd_sums[grid](x, dout, weight, bias, mean, rstd, sum1, sum2, m, s, c, groups, n_chunks, SILU=silu, CHUNK=chunk)
+    c1, c2 = (torch.empty(b * groups, dtype=torch.float32, device=x.device) for _ in range(2))
+    _gn_bwd_merge[(b * groups,)](sum1, sum2, c1, c2, m, n_chunks, N_CHUNKS=_pow2(n_chunks))
     dx = _k.new_output(x.shape, x.dtype, x.device)
-    _gn_bwd_dx[grid](x, dout, weight, bias, mean, rstd, sum1, sum2, dx, m, s, c, groups, n_chunks,
-                     SILU=silu, CHUNK=chunk, N_CHUNKS=_pow2(n_chunks))
+    _gn_bwd_dx[grid](x, dout, weight, bias, mean, rstd, c1, c2, dx, m, s, c, groups, SILU=silu, CHUNK=chunk)
     return dx
 
 

@@ -511,7 +511,7 @@ def _query_splits(q: torch.Tensor, nk: int) -> int:
     It runs one program per head and key block: B*H*ceil(Nk/64), which for cross-attention
     to 77 text tokens is 2 per head, 16 for SD 1.5 on a GPU with 100+ SMs. Splitting the
     query range gives about two programs per SM; each range keeps at least 256 query rows
-    (at 64^2, 16 ranges: 256 programs), and its partial dK/dV (fp32, 1.6 MiB in all for SD
+    (at 64^2, 16 ranges: 256 programs), and its partial dK/dV (fp32, 3 MiB in all for SD
     1.5's 64^2 cross-attention) is summed afterwards.
     """
     b, h, nq = q.shape[:3]
@@ -618,7 +618,8 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 def _(do, q, k, v, o, lse, causal, scale, backend):
     # Both paths return contiguous gradients, whatever the inputs' strides. Not modelled:
     # the Triton backward's transient fp32 buffers (dQ for the atomics, partial dK/dV for
-    # split query ranges), 12 MiB at most at SD 1.5/2.1 shapes.
+    # split query ranges): at most 17.5 MiB per call at the SD 1.5/2.1/XL shapes of
+    # bench/attention.py on a 132-SM GPU (SD 1.5 32^2 self-attention, 3 ranges).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

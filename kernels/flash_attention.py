@@ -398,12 +398,13 @@ if triton is not None:
 
     _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
     _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)])
+
     def _time_for_tuning(kernel_call, quantiles=(0.5, 0.2, 0.8), **_) -> list[float]:
         """The autotuner's timer: triton.testing.do_bench without its 256 MB L2-flush buffer.
 
         Tuning runs inside the first training step, in the middle of the backward, where
-        that buffer would sit on top of every saved activation: 0.25 GiB past the peak the
-        memory plans budget for (the SD 1.5 target is 2.5 GiB). Without the flush every
+        that buffer would sit on top of every saved activation: 0.24 GiB (256e6 bytes) past
+        the peak the memory plans budget for (the SD 1.5 target is 2.5 GiB). Without the flush every
         config is timed with the same warm L2, which keeps their ranking. Returns the
         requested quantiles of the per-run times in ms, as do_bench does.
         """

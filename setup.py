@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ is a top-level folder in the source tree but is always imported as
     # minti.kernels: a PyPI package named `kernels` exists and must never be shadowed.
-    packages=["minti", "minti.kernels"],
+    packages=["minti", "minti.models", "minti.loading", "minti.training", "minti.cli", "minti.demo", "minti.kernels"],
     package_dir={"minti": "minti", "minti.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

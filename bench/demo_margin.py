@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args, train_flags = p.parse_known_args(argv)
 
-    from minti import demo
+    from minti.demo import demo
     from minti.cli import main as minti_main
 
     if (why := demo.missing()) is not None:

@@ -71,7 +71,7 @@ for name in ("triton", "transformers", "diffusers"):
         print(f"{name} {__import__(name).__version__}")
     except Exception as e:  # the run that needs it will fail and be counted
         print(f"{name}: NOT importable ({type(e).__name__}: {e})")
-from minti.tokenizer import openclip_vocab_path
+from minti.loading.tokenizer import openclip_vocab_path
 import minti.kernels
 print(f"minti {__import__('minti').__version__}, CLIP vocabulary {openclip_vocab_path()}")
 EOF

@@ -5,7 +5,7 @@
 On CUDA: torch.cuda.max_memory_allocated around one full step (text encoder forward and
 backward, UNet forward and backward, optimizer step), after a warm-up step, weights included.
 Without CUDA: the same step traced at real size on the `meta` device, counting the bytes of
-live tensors at the peak (minti.memtrace). Attention in the reference is counted as a
+live tensors at the peak (minti.training.memtrace). Attention in the reference is counted as a
 flash-style kernel there too (no N x N matrix), so the comparison is fair.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
 
-from minti import memory  # noqa: E402
-from minti.memtrace import MemoryTracer  # noqa: E402
-from minti.pipeline import random_model  # noqa: E402
+from minti.training import memory  # noqa: E402
+from minti.training.memtrace import MemoryTracer  # noqa: E402
+from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 GiB = 2**30

@@ -44,8 +44,8 @@ import memory as memory_bench  # noqa: E402  (bench/memory.py: minti_step and th
 import reference  # noqa: E402
 
 import minti.kernels  # noqa: E402,F401  (defines the minti:: custom ops)
-from minti import memory  # noqa: E402
-from minti.pipeline import random_model  # noqa: E402
+from minti.training import memory  # noqa: E402
+from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = memory_bench.FAMILIES
 PROMPT = "a photo of <bench>"

@@ -1,7 +1,7 @@
 """Triton kernels with their pure-torch references, imported as `minti.kernels`.
 
 Every kernel file works without CUDA and without Triton installed: the torch path is
-always there, and Triton is imported under a guard. minti.ops routes the models' hot ops
+always there, and Triton is imported under a guard. minti.models.ops routes the models' hot ops
 to the three names exported at the bottom of this file.
 
 The small helpers below are shared by the three kernel files; they are defined before the

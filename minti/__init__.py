@@ -40,15 +40,15 @@ _mount_source_kernels()
 def __getattr__(name: str):
     # Lazy so that `import minti` stays cheap and the CLI's --help is instant.
     if name in ("load", "StableDiffusion"):
-        from minti import pipeline
+        from minti.loading import pipeline
 
         return getattr(pipeline, name)
     if name in ("train", "TrainConfig"):
-        from minti import trainer
+        from minti.training import trainer
 
         return getattr(trainer, name)
     if name in ("load_embedding", "Embedding"):
-        from minti import embedding
+        from minti.training import embedding
 
         return getattr(embedding, name)
     raise AttributeError(f"module 'minti' has no attribute {name!r}")

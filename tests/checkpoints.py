@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from minti.checkpoint import PREFIXES
-from minti.clip import TextEncoderConfig, build_text_encoder
-from minti.unet import UNet, UNetConfig
-from minti.vae import AutoencoderKL, VAEConfig
+from minti.loading.checkpoint import PREFIXES
+from minti.models.clip import TextEncoderConfig, build_text_encoder
+from minti.models.unet import UNet, UNetConfig
+from minti.models.vae import AutoencoderKL, VAEConfig
 from layouts import read_layout
 
 W = 32  # base width of every narrow model
@@ -215,7 +215,7 @@ def _diffusers_models(family: str):
 def write_tokenizer(folder: Path) -> Path:
     """vocab.json + merges.txt (what transformers' CLIPTokenizer and diffusers folders use) from
     the BPE file open-clip-torch ships; test_tokenizer proves minti reads it as open_clip does."""
-    from minti.tokenizer import _vocab_from_openclip_gz, openclip_vocab_path
+    from minti.loading.tokenizer import _vocab_from_openclip_gz, openclip_vocab_path
 
     vocab, merges = _vocab_from_openclip_gz(openclip_vocab_path())
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,11 +258,11 @@ def diffusers_models(family: str) -> dict[str, torch.nn.Module]:
 
 def single_file_from_diffusers(folder: Path, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """The single file holding the same weights as a diffusers folder, through
-    minti.diffusers_keys.to_single_file (names) plus the family's prefixes."""
+    minti.loading.diffusers_keys.to_single_file (names) plus the family's prefixes."""
     from safetensors.torch import load_file
 
-    from minti.checkpoint import TEXT_LAYOUT
-    from minti.diffusers_keys import to_single_file
+    from minti.loading.checkpoint import TEXT_LAYOUT
+    from minti.loading.diffusers_keys import to_single_file
 
     family = "sdxl" if (folder / "text_encoder_2").is_dir() else \
         ("sd2" if json.loads((folder / "unet" / "config.json").read_text())["use_linear_projection"] else "sd1")

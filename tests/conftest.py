@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def torch_backend():
+    """Run the models on their pure-torch paths (the Triton kernels have their own tests)."""
+    from minti.models import ops
+
+    ops.set_backend("torch")
+    yield
+    ops.set_backend("auto")

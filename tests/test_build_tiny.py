@@ -24,7 +24,7 @@ def _sd15() -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def quick_build(tmp_path_factory):
-    """One --quick build in a subprocess (the build reroutes minti.ops for training)."""
+    """One --quick build in a subprocess (the build reroutes minti.models.ops for training)."""
     d = tmp_path_factory.mktemp("tiny")
     cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(d / "tiny.safetensors"), "--scratch", str(d / "scratch"),
            "--demo-dir", str(d / "demo"), "--grid", str(d / "grid.png")]
@@ -78,7 +78,7 @@ def test_quick_build_file_loads_as_the_configured_model(quick_build):
 def test_quick_build_writes_the_demo_concept_and_a_grid(quick_build):
     from PIL import Image
 
-    from minti import shapes
+    from minti.demo import toy_images as shapes
 
     d, _, _ = quick_build
     files = sorted((d / "demo").glob("*.png"))
@@ -113,7 +113,7 @@ def test_normalised_latents_have_sd_scale_and_decode_the_same():
     bt = _module()
     torch.manual_seed(0)
     vae = bt.AutoencoderKL(bt.VAE).eval()
-    from minti import shapes
+    from minti.demo import toy_images as shapes
 
     x = bt.to_pixels(torch.from_numpy(shapes.dataset(12, seed=4)[0]).permute(0, 3, 1, 2))
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_normalised_latents_have_sd_scale_and_decode_the_same():
 
 
 def test_the_gradient_guard_catches_a_backend_without_weight_gradients(monkeypatch):
-    from minti import ops
+    from minti.models import ops
 
     bt = _module()
     cfg = bt.quick(bt.BuildConfig())
@@ -144,7 +144,7 @@ def test_the_gradient_guard_catches_a_backend_without_weight_gradients(monkeypat
 
 
 def test_ddpm_buffers_are_sd_scaled_linear():
-    from minti.schedules import alphas_cumprod
+    from minti.diffusion import alphas_cumprod
 
     bt = _module()
     b = bt.ddpm_buffers()

@@ -1,12 +1,12 @@
 """Build weights/minti-tiny.safetensors: a tiny latent diffusion model in the SD 1.x single-file
-layout, trained from scratch on the CPU on minti.shapes' captioned images.
+layout, trained from scratch on the CPU on minti.demo.toy_images' captioned images.
 
     python weights/build_tiny.py            # the full build (~2 h on 2 cores; see weights/README.md)
     python weights/build_tiny.py --quick    # every stage for a few steps (< 1 min; the tests run it)
 
 Stages, each saved to --scratch so an interrupted build resumes where it stopped (training
 stages also save every --save-every steps):
-    1 data      BuildConfig.n_images training images + n_holdout held-out ones (minti.shapes)
+    1 data      BuildConfig.n_images training images + n_holdout held-out ones (minti.demo.toy_images)
     2 vae       AutoencoderKL, x4 down, 4 latent channels: L1 + L2 + tiny KL; afterwards the
                 latents are re-normalised so that latent * 0.18215 has zero mean and unit std
                 per channel (SD 1.x's scale is fixed by the loader, so the VAE adapts to it)
@@ -38,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from minti import concept_score, ops, shapes
-from minti.clip import TextEncoderConfig, build_text_encoder
-from minti.schedules import add_noise, alphas_cumprod
-from minti.tokenizer import Tokenizer
-from minti.unet import UNet, UNetConfig
-from minti.vae import AutoencoderKL, VAEConfig
+from minti.demo import concept_score
+from minti.models import ops
+from minti.demo import toy_images as shapes
+from minti.models.clip import TextEncoderConfig, build_text_encoder
+from minti.diffusion import add_noise, alphas_cumprod
+from minti.loading.tokenizer import Tokenizer
+from minti.models.unet import UNet, UNetConfig
+from minti.models.vae import AutoencoderKL, VAEConfig
 
 HERE = Path(__file__).resolve().parent
 VAE_SCALE = 0.18215  # SD 1.x's latent scale: minti.load applies it to every sd1-family file
@@ -113,7 +115,7 @@ def log(msg: str) -> None:
 
 def trainable_ops() -> None:
     """Plain torch ops, so that every weight gets its gradient: the fused kernels are built for
-    frozen networks (the GroupNorm kernel's backward returns no weight gradient; minti.ops
+    frozen networks (the GroupNorm kernel's backward returns no weight gradient; minti.models.ops
     takes the plain path for weights that require grad). assert_trains and assert_changed
     check early in each stage that every weight does get a gradient and move."""
     ops.set_backend("torch")
@@ -129,7 +131,7 @@ def templates() -> list[str]:
     """Prompt-template filler the captions get wrapped in, so that the trainer's templates are
     words the tiny text encoder has seen. The trainer's own list when it is there."""
     try:
-        from minti.templates import OBJECT
+        from minti.training.templates import OBJECT
         return list(OBJECT)
     except ImportError:
         return [p + " [name]" for p in shapes.PREFIXES]

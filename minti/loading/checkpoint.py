@@ -1,0 +1,470 @@
+"""Reading Stable Diffusion checkpoints: which file is this, which family, and where is each weight.
+
+Three inputs, one key space. Everything downstream sees single-file key names
+(`model.diffusion_model.…`, `first_stage_model.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`):
+
+    .safetensors   safetensors.safe_open: header read at open, tensors memory-mapped one by one
+    .ckpt / .pt    torch.load(weights_only=True, mmap=True): a pickle that would run code is refused
+    diffusers dir  model_index.json + unet/ vae/ text_encoder/ (text_encoder_2/); names are
+                   converted with minti.loading.diffusers_keys.to_single_file and given single-file prefixes
+
+Nothing here materialises a weight until `Checkpoint.read(part, names, …)` is asked for it, so
+`minti inspect` reads headers only, and keys nobody needs (EMA copies, DDPM schedule buffers)
+are never touched.
+
+Family detection uses structure first and widths second, so that narrow test models of the
+real layouts are recognised too:
+    sdxl  UNet has label_emb and 3 levels (base; real context 2048)
+    sd2   no label_emb, linear proj_in (real context 1024)
+    sd1   no label_emb, 1x1-conv proj_in (real context 768)
+Refused with a message naming what the file looks like: inpainting/depth/pix2pix UNets (input
+channels != 4), the SDXL refiner (label_emb with 4 levels, context 1280, adm 2560), SD3/Flux/
+Cascade/DiT transformers, LoRAs, VAE-only and text-encoder-only files, empty/unknown files.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from minti.errors import UserError
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+# part name -> single-file prefix, per family. "text" is the first text encoder, "text_2" SDXL's bigG.
+PREFIXES = {
+    "sd1": {"unet": UNET, "vae": VAE, "text": "cond_stage_model.transformer."},
+    "sd2": {"unet": UNET, "vae": VAE, "text": "cond_stage_model.model."},
+    "sdxl": {"unet": UNET, "vae": VAE, "text": "conditioner.embedders.0.transformer.",
+             "text_2": "conditioner.embedders.1.model."},
+}
+# the layout of each text part in minti's modules ("hf" = transformers CLIPTextModel names)
+TEXT_LAYOUT = {("sd1", "text"): "hf", ("sd2", "text"): "openclip",
+               ("sdxl", "text"): "hf", ("sdxl", "text_2"): "openclip"}
+# diffusers folder component for each part
+COMPONENT = {"unet": "unet", "vae": "vae", "text": "text_encoder", "text_2": "text_encoder_2"}
+# keys inside a part that minti's modules may not have and never need: buffers that the
+# reference code recomputes (position ids, the causal mask) and CLIP's contrastive temperature.
+UNUSED_SUFFIXES = ("position_ids", "attn_mask", "logit_scale")
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class CheckpointError(UserError):
+    """A checkpoint minti cannot use; the message is one line that names the file."""
+
+    def __init__(self, path: str | Path, message: str):
+        super().__init__(f"{path}: " + " ".join(str(message).split()))
+
+
+# ---- family detection -------------------------------------------------------------------------
+
+_FOREIGN = [  # (key pattern, what the file is) for architectures minti does not load
+    (r"(^|\.)joint_blocks\.", "an SD3 model (MMDiT joint_blocks)"),
+    (r"(^|\.)double_blocks\.", "a Flux model (double_blocks)"),
+    (r"(^|\.)single_transformer_blocks\.|(^|\.)transformer_blocks\.\d+\.attn\.add_q_proj", "an SD3/Flux transformer (diffusers layout)"),
+    (r"(^|\.)(effnet_mapper|clip_txt_pooled_mapper|clf)\.", "a Stable Cascade model"),
+    (r"(^|\.)(x_embedder|context_embedder)\.", "a DiT-style transformer (SD3/Flux/PixArt)"),
+]
+_LORA = re.compile(r"(^|[._])lora_|\.lora_(up|down)\.|\.lora_[AB]\.|\.alpha$|^lora_te|hada_w|lokr_")
+
+
+def detect_family(shapes: dict[str, tuple[int, ...]], path: str | Path) -> str:
+    """'sd1' | 'sd2' | 'sdxl' from single-file key names and shapes, or CheckpointError saying
+    what the file looks like instead."""
+    if not shapes:
+        raise CheckpointError(path, "contains no tensors: not a Stable Diffusion checkpoint")
+    keys = list(shapes)
+    if any(_LORA.search(k) for k in keys):
+        raise CheckpointError(path, "looks like a LoRA (lora_* keys), not a full checkpoint: "
+                              "minti needs a complete SD 1.x/2.x/XL model file")
+    for pattern, what in _FOREIGN:
+        if any(re.search(pattern, k) for k in keys):
+            raise CheckpointError(path, f"looks like {what}; minti supports SD 1.x, SD 2.x and SDXL base only")
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise CheckpointError(path, _what_without_unet(keys))
+    if conv_in[1] != 4:
+        what = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth-conditioned model"}
+        raise CheckpointError(path, f"looks like {what.get(conv_in[1], 'a non-txt2img model')} (the UNet takes "
+                              f"{conv_in[1]} input channels, not 4); use a txt2img base checkpoint")
+    context = next((s[1] for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith(".proj_in.weight")), None)
+    label = shapes.get(UNET + "label_emb.0.0.weight")
+    downsamples = sum(1 for k in keys if k.startswith(UNET + "input_blocks.") and k.endswith(".op.weight"))
+    if label is not None:
+        if context == 1280 or label[1] == 2560 or downsamples != 2:
+            raise CheckpointError(path, "looks like the SDXL refiner (label_emb with 4 UNet levels, context 1280); "
+                                  "textual inversion needs the SDXL base model")
+        family = "sdxl"
+    elif proj_in is None:
+        raise CheckpointError(path, "UNet has no cross-attention transformers: not a text-to-image SD model")
+    else:
+        family = "sd2" if len(proj_in) == 2 else "sd1"
+    # a file whose text encoder belongs to the other family is a broken merge, not a model
+    other = {"sd1": "sd2", "sd2": "sd1"}.get(family)
+    if other and any(k.startswith(PREFIXES[other]["text"]) for k in keys) \
+            and not any(k.startswith(PREFIXES[family]["text"]) for k in keys):
+        raise CheckpointError(path, f"mixes an {family} UNet with an {other} text encoder; not a standard checkpoint")
+    return family
+
+
+def _what_without_unet(keys: list[str]) -> str:
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has("first_stage_model.", "encoder.", "decoder.", "vae.") and not has("cond_stage_model.", "conditioner."):
+        return "looks like a VAE-only file (encoder./decoder. keys, no UNet); minti needs a full checkpoint"
+    if has("cond_stage_model.", "conditioner.", "text_model.", "transformer.resblocks.", "token_embedding.",
+           "embeddings.token_embedding."):
+        return "looks like a text-encoder-only file (no UNet keys); minti needs a full checkpoint"
+    if has("down_blocks.", "up_blocks.", "mid_block.") and has("conv_in."):
+        return ("looks like a single diffusers component file (down_blocks/up_blocks names); "
+                "pass the diffusers folder that holds model_index.json")
+    return f"no Stable Diffusion UNet keys (model.diffusion_model.*) among its {len(keys)} tensors (first: {keys[0]!r})"
+
+
+# v-prediction is invisible in the weights. Markers: a `v_pred` key (ComfyUI saves one), or
+# the file name: "768" (v2-1_768-ema-pruned, 768-v-ema), "v-pred"/"vpred"/"v_pred"/
+# "v-prediction", or a lone "v" word ("sd21_v.safetensors", "model-v.ckpt").
+_V_NAME = re.compile(r"768|v[-_ ]?pred|(^|[-_. ])v($|[-_. ])", re.IGNORECASE)
+
+
+def guess_prediction(family: str, keys: Iterable[str], name: str) -> str:
+    """'eps' or 'v' from what a file can tell; only SD 2.x ships both (2.x-base eps, 2.x-768 v)."""
+    if any(k == "v_pred" for k in keys):
+        return "v"
+    if family != "sd2":
+        return "eps"
+    return "v" if _V_NAME.search(Path(name).stem) else "eps"
+
+
+# ---- the checkpoint -----------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint. shapes/dtypes are in single-file key space; parts maps each part
+    ('unet', 'vae', 'text', 'text_2') to {module key: source key}."""
+
+    path: Path
+    format: str  # "safetensors" | "pickle" | "diffusers"
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    family: str = ""
+    parts: dict[str, dict[str, str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    prediction: str | None = None  # what the checkpoint says (diffusers scheduler config), else None
+    _reader: object = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The file's weight dtype: the floating dtype holding most elements."""
+        count: Counter = Counter()
+        for k, dt in self.dtypes.items():
+            if dt.is_floating_point:
+                n = 1
+                for s in self.shapes[k]:
+                    n *= s
+                count[dt] += n
+        return count.most_common(1)[0][0] if count else torch.float32
+
+    def part_shapes(self, part: str) -> dict[str, tuple[int, ...]]:
+        return {name: self.shapes[src] for name, src in self.parts[part].items()}
+
+    def read(self, part: str, names: Iterable[str], dtype: torch.dtype, device: torch.device | str
+             ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (module key, tensor) for each name, converted to dtype (floating tensors only)
+        and device one at a time, so at most one source tensor is alive beside the model."""
+        return self._reader.read(self, part, list(names), dtype, device)
+
+    def mark_unused(self, part: str, name: str) -> None:
+        """A part key the module does not have (see UNUSED_SUFFIXES): report it, never read it."""
+        self.ignored.append(self.parts[part].pop(name))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+class _SafetensorsReader:
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        try:
+            self.f = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(self.f.keys())
+            slices = {k: self.f.get_slice(k) for k in keys}
+            self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            self.dtypes = {k: _DTYPES.get(s.get_dtype(), torch.float32) for k, s in slices.items()}
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers/sizes
+            raise CheckpointError(path, f"cannot be read as .safetensors ({_short(e)}): the file is truncated or "
+                                  "corrupt; download it again") from None
+        self.path = path
+
+    def tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self.f.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(self.path, f"tensor {key!r} cannot be read ({_short(e)}); download it again") from None
+
+    def read(self, ckpt: Checkpoint, part, names, dtype, device):
+        for name in names:
+            yield name, _convert(self.tensor(ckpt.parts[part][name]), dtype, device)
+
+    def close(self):
+        self.f = None
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def torch_load(path: Path) -> dict:
+    """torch.load that can never run code: weights_only, memory-mapped, on the CPU."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # the pre-1.6 (non-zip) torch format cannot be memory-mapped; still weights_only
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise CheckpointError(path, f"refusing to load: this pickle would run code when unpickled{what}; "
+                              "minti only loads plain tensors. Convert it to .safetensors with a trusted "
+                              "tool, or download the .safetensors release") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({_short(e)}): the file is "
+                              "truncated or corrupt; download it again") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning-style wrapper (global_step etc. beside it)
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+class _PickleReader:
+    def __init__(self, path: Path):
+        self.tensors = torch_load(path)  # memory-mapped: nothing is read until used
+        self.shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
+        self.dtypes = {k: v.dtype for k, v in self.tensors.items()}
+
+    def read(self, ckpt: Checkpoint, part, names, dtype, device):
+        for name in names:
+            yield name, _convert(self.tensors[ckpt.parts[part][name]], dtype, device)
+
+    def close(self):
+        self.tensors = {}
+
+
+# ---- single files ------------------------------------------------------------------------------
+
+def _open_single(path: Path, ema: bool) -> Checkpoint:
+    if path.suffix.lower() == ".safetensors":
+        reader, fmt = _SafetensorsReader(path), "safetensors"
+    else:
+        reader, fmt = _PickleReader(path), "pickle"
+    return assign_parts(Checkpoint(path, fmt, reader.shapes, reader.dtypes, _reader=reader), ema)
+
+
+def assign_parts(ckpt: Checkpoint, ema: bool = False) -> Checkpoint:
+    """Detect the family of a single file and map its keys to parts (shapes only: tests call
+    this on the real layouts' manifests)."""
+    path = ckpt.path
+    ckpt.family = detect_family(ckpt.shapes, path)
+    prefixes = PREFIXES[ckpt.family]
+    parts: dict[str, dict[str, str]] = {p: {} for p in prefixes}
+    for key in ckpt.shapes:
+        part = next((p for p, pre in prefixes.items() if key.startswith(pre)), None)
+        if part is None:
+            ckpt.ignored.append(key)  # DDPM buffers, model_ema.*, logvar, denoiser.sigmas, v_pred, …
+            continue
+        name = key[len(prefixes[part]):]
+        if TEXT_LAYOUT.get((ckpt.family, part)) == "hf" and not name.startswith("text_model."):
+            name = "text_model." + name  # transformers < 4.x saved CLIP-L without the text_model. level
+        parts[part][name] = key
+    if ema:
+        # LitEma stores the UNet as model_ema.<"diffusion_model." + name with the dots removed>
+        ema_keys = {n: "model_ema." + ("diffusion_model." + n).replace(".", "") for n in parts["unet"]}
+        missing = [k for k in ema_keys.values() if k not in ckpt.shapes]
+        if missing:
+            raise CheckpointError(path, f"has no EMA UNet weights ({len(missing)} model_ema.* keys missing, e.g. "
+                                  f"{missing[0]!r}); load it without ema=True")
+        ckpt.ignored = [k for k in ckpt.ignored if k not in set(ema_keys.values())] + list(parts["unet"].values())
+        parts["unet"] = ema_keys
+    ckpt.parts = {p: m for p, m in parts.items() if m}
+    ckpt.prediction = "v" if "v_pred" in ckpt.shapes else None
+    return ckpt
+
+
+# ---- diffusers folders ----------------------------------------------------------------------------
+
+_WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                 "text_encoder": "model", "text_encoder_2": "model"}
+
+
+def _weight_files(folder: Path, component: str, prefer_half: bool) -> list[Path]:
+    """The weight file(s) of one component: .safetensors before .bin, the fp16 variant first
+    when loading in half precision (half the bytes to read) or when it is the only one."""
+    stems = [_WEIGHT_NAMES[component]] + (["pytorch_model"] if component.startswith("text") else [])
+    variants = ["fp16.", ""] if prefer_half else ["", "fp16."]
+    for ext in ("safetensors", "bin"):
+        for variant in variants:
+            for stem in stems:
+                single = folder / f"{stem}.{variant}{ext}"
+                if single.is_file():
+                    return [single]
+                index = folder / f"{stem}.{variant}{ext}.index.json"
+                if index.is_file():  # sharded: {"weight_map": {key: shard file}}
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    return [folder / s for s in shards]
+    raise CheckpointError(folder, f"has no weights (looked for {stems[0]}[.fp16].safetensors/.bin); "
+                          "the diffusers folder is incomplete")
+
+
+class _DiffusersReader:
+    """Per component: source names and readers; converted names come from to_single_file on
+    meta tensors (shapes only), the weights from to_single_file on real ones when loading."""
+
+    def __init__(self, root: Path, prefer_half: bool):
+        self.root = root
+        self.prefer_half = prefer_half
+        self.sources: dict[str, dict[str, object]] = {}  # component -> {source key: reader}
+        self.layouts: dict[str, str] = {}
+
+    def open_component(self, component: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        folder = self.root / component
+        info, sources = {}, {}
+        for f in _weight_files(folder, component, self.prefer_half):
+            if not f.is_file():
+                raise CheckpointError(f, "is listed in the shard index but missing; the diffusers folder is incomplete")
+            reader = _SafetensorsReader(f) if f.suffix == ".safetensors" else _PickleReader(f)
+            for k in reader.shapes:
+                info[k] = (reader.dtypes[k], reader.shapes[k])
+                sources[k] = reader
+        self.sources[component] = sources
+        return info
+
+    def convert(self, component: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from minti.loading.diffusers_keys import to_single_file
+
+        kw = {"layout": self.layouts[component]} if component.startswith("text") else {}
+        try:
+            return to_single_file(component, tensors, **kw)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(self.root / component, f"has weights minti cannot map ({_short(e)})") from None
+
+    def read(self, ckpt: Checkpoint, part, names, dtype, device):
+        # Renaming may merge tensors (q/k/v -> in_proj), so a component is converted as a whole:
+        # every tensor is read and cast one at a time, then renamed; peak = one component in `dtype`.
+        component = COMPONENT[part]
+        src = {}
+        for k, reader in self.sources[component].items():
+            t = reader.tensor(k) if isinstance(reader, _SafetensorsReader) else reader.tensors[k]
+            src[k] = _convert(t, dtype, "cpu")
+        converted = self.convert(component, src)
+        del src
+        prefix = PREFIXES[ckpt.family][part]
+        for name in names:
+            t = converted.pop(ckpt.parts[part][name][len(prefix):])
+            yield name, t.to(device)
+
+    def close(self):
+        self.sources = {}
+
+
+def _open_diffusers(root: Path, prefer_half: bool) -> Checkpoint:
+    index = json.loads((root / "model_index.json").read_text())
+    cls = str(index.get("_class_name", ""))
+    if "transformer" in index and "unet" not in index:
+        raise CheckpointError(root, f"is a {cls or 'transformer-based'} diffusers pipeline (SD3/Flux-style "
+                              "transformer/), not an SD 1.x/2.x/XL UNet pipeline")
+    if not (root / "unet").is_dir():
+        raise CheckpointError(root, "diffusers folder has no unet/ folder; minti needs the full pipeline")
+    if "Inpaint" in cls:
+        raise CheckpointError(root, f"is an inpainting pipeline ({cls}); use a txt2img base model")
+    reader = _DiffusersReader(root, prefer_half)
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+
+    def add(component: str, prefix: str) -> None:
+        info = reader.open_component(component)
+        meta = {k: torch.empty(s, dtype=dt, device="meta") for k, (dt, s) in info.items()}
+        for k, t in reader.convert(component, meta).items():
+            shapes[prefix + k] = tuple(t.shape)
+            dtypes[prefix + k] = t.dtype
+
+    add("unet", UNET)
+    family = detect_family(shapes, root)
+    text_components = [c for c in ("text_encoder", "text_encoder_2") if (root / c).is_dir()]
+    if family == "sdxl" and text_components != ["text_encoder", "text_encoder_2"]:
+        raise CheckpointError(root, "has an SDXL UNet but not both text_encoder/ and text_encoder_2/ "
+                              "(the refiner has only one); use the SDXL base pipeline")
+    parts_of = {"unet": UNET}
+    if (root / "vae").is_dir():
+        add("vae", VAE)
+        parts_of["vae"] = VAE
+    for part, prefix in PREFIXES[family].items():
+        if part.startswith("text") and (root / COMPONENT[part]).is_dir():
+            reader.layouts[COMPONENT[part]] = TEXT_LAYOUT[(family, part)]
+            add(COMPONENT[part], prefix)
+            parts_of[part] = prefix
+    ckpt = Checkpoint(root, "diffusers", shapes, dtypes, family=family, _reader=reader)
+    ckpt.parts = {p: {k[len(pre):]: k for k in shapes if k.startswith(pre)} for p, pre in parts_of.items()}
+    sched = root / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        ckpt.prediction = {"epsilon": "eps", "v_prediction": "v"}.get(json.loads(sched.read_text()).get("prediction_type"))
+    return ckpt
+
+
+def open_checkpoint(path: str | Path, ema: bool = False, prefer_half: bool = False) -> Checkpoint:
+    """Open a single file or diffusers folder: headers only, no weights read."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(path, "no such file or directory")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            if ema:
+                raise CheckpointError(path, "diffusers folders hold no separate EMA weights; load without ema=True")
+            return _open_diffusers(path, prefer_half)
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pt"))
+        hint = f"; it contains {', '.join(found[:3])}: pass that file" if found else ""
+        raise CheckpointError(path, f"is a directory but not a diffusers model (no model_index.json){hint}")
+    if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        raise CheckpointError(path, "unknown file type: expected .safetensors, .ckpt/.pt, or a diffusers folder")
+    return _open_single(path, ema)
+
+
+DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2"}
+
+
+def summarize_ignored(keys: list[str]) -> list[str]:
+    """Group ignored keys for display: 'DDPM schedule buffers (12 keys)', 'model_ema.* (688 keys)'."""
+    groups: Counter = Counter()
+    for k in keys:
+        if k in DDPM_BUFFERS:
+            groups["DDPM schedule buffers"] += 1
+        elif k.startswith(("model_ema.", "model.diffusion_model.")):
+            groups[k.split(".")[0] + ".*"] += 1
+        else:
+            groups[k] += 1
+    return [f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items())]

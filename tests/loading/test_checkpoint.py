@@ -1,0 +1,139 @@
+"""Detection and key mapping on the REAL layouts (shapes only: no weights, no files)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from minti.loading.checkpoint import Checkpoint, CheckpointError, assign_parts, detect_family, guess_prediction
+from minti.loading.pipeline import from_checkpoint
+from layouts import LAYOUTS, read_layout
+
+FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+
+
+def shapes_checkpoint(shapes: dict, name: str = "model.safetensors", ema: bool = False) -> Checkpoint:
+    ckpt = Checkpoint(Path(name), "safetensors", dict(shapes), {k: torch.float16 for k in shapes})
+    return assign_parts(ckpt, ema=ema)
+
+
+def parameter_totals() -> dict[tuple[str, str], int]:
+    rows = (LAYOUTS / "parameter_totals.tsv").read_text().splitlines()[1:]
+    return {(r.split("\t")[0], r.split("\t")[1]): int(r.split("\t")[3]) for r in rows if r.strip()}
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sd21", "sdxl"])
+def test_real_layout_builds_every_part_with_nothing_missing_or_unexpected(layout):
+    shapes = read_layout(layout)
+    sd = from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))  # strict key matching inside
+    assert sd.family == FAMILY[layout]
+    # the modules built from the inferred configs hold exactly the file's tensors
+    for part, module in [("unet", sd.unet), ("vae", sd.vae)]:
+        prefix = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}[part]
+        want = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+        got = {k: tuple(t.shape) for k, t in module.state_dict().items()}
+        assert got == want
+    totals = parameter_totals()
+    params = sd.describe()["params"]
+    assert params["unet"] == totals[(f"{layout}.tsv", "model.diffusion_model")]
+    assert params["vae"] == totals[(f"{layout}.tsv", "first_stage_model")]
+    text = sum(v for k, v in params.items() if k.startswith("text"))
+    text_total = sum(v for (f, p), v in totals.items() if f == f"{layout}.tsv" and p.startswith(("cond", "conditioner")))
+    n_position_ids = 77 * sum(1 for k in shapes if k.endswith("position_ids"))  # a buffer, not a parameter
+    assert text == text_total - n_position_ids
+    # only the DDPM schedule buffers are left over (SDXL files have none)
+    assert all("." not in k for k in sd.ignored_keys)
+    assert len(sd.ignored_keys) == (0 if layout == "sdxl" else 12)
+
+
+def test_real_sd15_full_ema_file_takes_the_unet_from_model_ema():
+    shapes = {**read_layout("sd15"), **read_layout("sd15_model_ema_extra")}
+    ckpt = shapes_checkpoint(shapes, ema=True)
+    assert ckpt.parts["unet"]["input_blocks.0.0.weight"] == "model_ema.diffusion_modelinput_blocks00weight"
+    assert all(src.startswith("model_ema.") for src in ckpt.parts["unet"].values())
+    sd = from_checkpoint(ckpt, None, torch.device("meta"))
+    assert "model.diffusion_model.out.2.weight" in sd.ignored_keys  # the non-EMA copy is never read
+    without = shapes_checkpoint(shapes)
+    assert all(src.startswith("model.diffusion_model.") for src in without.parts["unet"].values())
+    assert "model_ema.decay" in without.ignored
+
+
+def test_ema_requested_from_a_pruned_file_is_refused_by_name():
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: has no EMA UNet weights"):
+        shapes_checkpoint(read_layout("sd15"), ema=True)
+
+
+def test_old_clip_names_without_text_model_prefix_map_to_the_same_modules():
+    shapes = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): s
+              for k, s in read_layout("sd15").items()}
+    sd = from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+    assert sd.describe()["params"]["text"] == 123060480
+
+
+def test_missing_position_ids_and_logit_scale_are_not_errors():
+    shapes = {k: s for k, s in read_layout("sdxl").items() if not k.endswith(("position_ids", "logit_scale"))}
+    sd = from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+    assert sd.family == "sdxl"
+
+
+def test_a_missing_unet_tensor_is_an_error_naming_it():
+    shapes = read_layout("sd15")
+    del shapes["model.diffusion_model.out.2.bias"]
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unet weights do not match.*'out\.2\.bias'"):
+        from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+
+
+def test_a_stray_unknown_key_inside_a_part_is_an_error():
+    shapes = {**read_layout("sd15"), "first_stage_model.encoder.extra.weight": (4,)}
+    with pytest.raises(CheckpointError, match="unexpected"):
+        from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+
+
+def _with(layout: str, **changes) -> dict:
+    shapes = read_layout(layout)
+    shapes.update({k.replace("__", "."): v for k, v in changes.items()})
+    return shapes
+
+
+@pytest.mark.parametrize("shapes, what", [
+    (_with("sd15", **{"model__diffusion_model__input_blocks__0__0__weight": (320, 9, 3, 3)}), "inpainting"),
+    (_with("sd21", **{"model__diffusion_model__input_blocks__0__0__weight": (320, 5, 3, 3)}), "depth"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+      "model.diffusion_model.label_emb.0.0.weight": (1536, 2560),
+      "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280)}, "SDXL refiner"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "SD3"),
+    ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "LoRA"),
+    ({"diffusion_model.input_blocks.1.1.proj_in.lora_A.weight": (4, 320)}, "LoRA"),
+    ({k: s for k, s in read_layout("sd15").items() if k.startswith("first_stage_model.")}, "VAE-only"),
+    ({k[len("first_stage_model."):]: s for k, s in read_layout("sd15").items()
+      if k.startswith("first_stage_model.")}, "VAE-only"),
+    ({k: s for k, s in read_layout("sdxl").items() if k.startswith("conditioner.")}, "text-encoder-only"),
+    ({}, "no tensors"),
+    ({"foo.bar": (3,)}, "no Stable Diffusion UNet keys"),
+])
+def test_foreign_files_are_refused_saying_what_they_look_like(shapes, what):
+    with pytest.raises(CheckpointError) as e:
+        detect_family(shapes, "x.safetensors")
+    msg = str(e.value)
+    assert msg.startswith("x.safetensors: ") and what in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("family, name, keys, want", [
+    ("sd2", "v2-1_768-ema-pruned.safetensors", [], "v"),
+    ("sd2", "768-v-ema.ckpt", [], "v"),
+    ("sd2", "my_model-vpred.safetensors", [], "v"),
+    ("sd2", "sd21_v.safetensors", [], "v"),
+    ("sd2", "v2-1_512-ema-pruned.safetensors", [], "eps"),
+    ("sd2", "anime-vae-merge.safetensors", [], "eps"),  # "v" inside a word is not a marker
+    ("sd2", "plain.safetensors", ["v_pred"], "v"),
+    ("sd1", "v1-5-pruned-768.safetensors", [], "eps"),
+    ("sdxl", "sdxl_base.safetensors", ["v_pred"], "v"),
+    ("sdxl", "sd_xl_base_1.0.safetensors", [], "eps"),
+])
+def test_prediction_type_follows_markers_and_documented_name_patterns(family, name, keys, want):
+    assert guess_prediction(family, keys, name) == want
+
+
+def test_detection_uses_structure_so_narrow_models_are_recognised():
+    for layout, family in FAMILY.items():
+        assert detect_family(read_layout(layout), "f") == family

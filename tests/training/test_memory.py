@@ -1,0 +1,80 @@
+"""Memory levers must not change the numbers: same gradients with and without them."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minti.models import ops
+from minti.models.unet import SD1, SD2, UNet
+
+
+def narrow(cfg):
+    return dataclasses.replace(cfg, model_channels=32, channel_mult=(1, 2), norm_groups=8,
+                               context_dim=cfg.context_dim // 16, num_heads=4,
+                               head_dim=8 if cfg.head_dim else None, transformer_depth=(1, 1),
+                               transformer_depth_middle=1)
+
+
+def context_grad(unet: UNet, x, t, context) -> torch.Tensor:
+    context = context.clone().requires_grad_(True)
+    out = unet(x, t, context)
+    (grad,) = torch.autograd.grad(out.pow(2).mean(), context)
+    return grad
+
+
+# the models on their pure-torch paths (the kernels have their own tests)
+pytestmark = pytest.mark.usefixtures("torch_backend")
+
+
+@pytest.mark.parametrize("cfg", [SD1, SD2], ids=["sd1", "sd2"])
+def test_block_checkpointing_gives_the_same_text_gradient(cfg):
+    torch.manual_seed(0)
+    unet = UNet(narrow(cfg)).requires_grad_(False)
+    for p in unet.parameters():
+        p.normal_(0, 0.05)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    context = torch.randn(1, 77, unet.cfg.context_dim)
+    plain = context_grad(unet, x, t, context)
+    unet.checkpointing = True
+    ours = context_grad(unet, x, t, context)
+    assert (ours - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_input_gradient_only_convs_give_the_same_text_gradient(monkeypatch):
+    torch.manual_seed(0)
+    unet = UNet(narrow(SD1)).requires_grad_(False)
+    for p in unet.parameters():
+        p.normal_(0, 0.05)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    context = torch.randn(1, 77, unet.cfg.context_dim)
+    ours = context_grad(unet, x, t, context)
+    monkeypatch.setattr(ops, "conv2d", lambda x, w, b, stride=1, padding=0: F.conv2d(x, w, b, stride, padding))
+    plain = context_grad(unet, x, t, context)
+    assert (ours - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_auto_plan_stores_activations_only_when_they_fit_in_free_gpu_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from minti.training import memory
+
+    weights = 1000
+    sd = SimpleNamespace(device=torch.device("cuda"), unet=SimpleNamespace(checkpointing=None))
+    monkeypatch.setattr(memory, "_weight_bytes", lambda sd: weights)
+    monkeypatch.setattr(memory, "estimate_step_bytes", lambda *a, **k: weights + 500)  # 500 of activations
+    for free, plan in ((10_000, "fast"), (500 * memory.MARGIN, "fast"), (500, "low"), (0, "low")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (int(free), 80_000))
+        assert memory.apply(sd, "auto", resolution=512, batch_size=1) == plan
+        assert sd.unet.checkpointing == (plan == "low")
+
+
+def test_estimated_peak_of_a_real_size_step_grows_with_resolution_and_shrinks_with_checkpointing():
+    from minti.training.memory import estimate_step_bytes
+    from minti.loading.pipeline import random_model
+
+    sd = random_model("sd1", torch.float16, "meta")
+    small = estimate_step_bytes(sd, 128, 1, checkpointing=False)
+    big = estimate_step_bytes(sd, 256, 1, checkpointing=False)
+    low = estimate_step_bytes(sd, 256, 1, checkpointing=True)
+    assert (859_520_964 + 123_060_480) * 2 < small < big and low < big

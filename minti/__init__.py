@@ -43,10 +43,14 @@ def __getattr__(name: str):
         from minti.loading import pipeline
 
         return getattr(pipeline, name)
-    if name in ("train", "TrainConfig"):
-        from minti.training import trainer
+    if name == "train":
+        from minti.training.trainer import train
 
-        return getattr(trainer, name)
+        return train
+    if name == "TrainConfig":
+        from minti.training.config import TrainConfig
+
+        return TrainConfig
     if name in ("load_embedding", "Embedding"):
         from minti.training import embedding
 

@@ -1,29 +1,19 @@
-"""`python -m minti`: the command line. Each subcommand lives in its own module."""
+"""`python -m minti`: the command line. Each subcommand lives in its own module, which provides
+add_arguments(parser) and run(args) -> exit status."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from minti.errors import UserError
 
-# name -> (help, module that provides add_arguments(parser) and run(args) -> int, or the
-# issue that will bring it). A subcommand whose module has not landed says so and exits 2.
+# name -> (help, module)
 SUBCOMMANDS = {
-    "train": ("train a textual-inversion embedding", "minti.cli.train", 5),
-    "sample": ("generate images with an embedding", "minti.cli.sample", 5),
-    "inspect": ("describe a checkpoint: family, prediction type, dtype, parameters", "minti.cli.inspect", 3),
+    "train": ("train a textual-inversion embedding", "minti.cli.train"),
+    "sample": ("generate images with an embedding", "minti.cli.sample"),
+    "inspect": ("describe a checkpoint: family, prediction type, dtype, parameters", "minti.cli.inspect"),
 }
-
-
-def _load_module(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="minti: minimal-memory textual inversion for Stable Diffusion (SD 1.x, 2.x, XL).",
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, (help_text, module_name, _issue) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module = _load_module(module_name)
-        if module is not None:
-            module.add_arguments(p)
+    for name, (help_text, module_name) in SUBCOMMANDS.items():
+        importlib.import_module(module_name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -46,13 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    _help, module_name, issue = SUBCOMMANDS[args.command]
-    module = _load_module(module_name)
-    if module is None:
-        print(f"minti {args.command}: not implemented yet (tracked in issue {issue}).", file=sys.stderr)
-        return 2
+    _help, module_name = SUBCOMMANDS[args.command]
     try:
-        return module.run(args)
+        return importlib.import_module(module_name).run(args)
     except UserError as e:
         print(f"minti {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -91,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
     from minti.cli.train import load_model, setup_logging
 
     setup_logging()
-    model, native_size, cfg = args.model, None, 7.5
+    model, native_size, guidance = args.model, None, 7.5
     if model is None:  # the tiny model minti ships (see minti.demo.demo), at its own size and guidance
         from minti.demo import demo
 
         if not demo.DEMO_MODEL.is_file():
             raise UserError(demo.missing())
-        model, native_size, cfg = str(demo.DEMO_MODEL), demo.RESOLUTION, demo.GRID_CFG
+        model, native_size, guidance = str(demo.DEMO_MODEL), demo.RESOLUTION, demo.GRID_CFG
         if not args.prompt:
             raise UserError(f"no prompt: pass --prompt, e.g. --prompt 'a large red star on a striped green "
                             f"background', or after the demo --embedding {demo.OUTPUT / 'demo.safetensors'} "
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"minti sample: no --model: using the demo model {model}", file=sys.stderr)
     if not args.prompt:
         raise UserError("no prompt: pass --prompt, e.g. --prompt 'a photo of <my-cat> on the beach'")
-    cfg = cfg if args.cfg is None else args.cfg
+    guidance = guidance if args.cfg is None else args.cfg
     n = 4 if args.n is None else args.n
     steps = 30 if args.steps is None else args.steps
     batch = args.batch_size or 1
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, n, batch):
         seeds = list(range(seed + start, seed + min(n, start + batch)))
         latents = smp.generate(sd, [args.prompt] * len(seeds), extra=extra, negative=args.negative or "",
-                               steps=steps, cfg=cfg, seeds=seeds,
+                               steps=steps, guidance=guidance, seeds=seeds,
                                height=height, width=width, method=args.sampler or "ddim")
         with torch.no_grad():
             pixels = sd.decode_latents(latents.to(sd.dtype))

@@ -1,20 +1,22 @@
 """`python -m minti train`: textual inversion from the command line.
 
-Every option defaults to None here and the run code fills the defaults, so that (1) `--resume
-DIR` can take whatever was not given from the run's config.json, and (2) later defaults (a
-shipped demo model and images) slot in without touching the parser.
+The training flags are generated from TrainConfig's fields (minti.training.config): name, help
+and the default the help names all come from the field. Only the flags that choose and load the
+model (--model, --device, --dtype, --prediction) are written here. Every option defaults to None
+and resolve() fills the defaults, so that `--resume DIR` takes whatever was not given from the
+run's config.json, and the demo (no --model) takes its own values for what was not given.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from minti.errors import UserError
+from minti.training.config import DEVICE, GROUPS, WHAT, TrainConfig, known_fields
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -22,80 +24,56 @@ DTYPES = ("float16", "bfloat16", "float32")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from minti.demo import demo
 
-    what = parser.add_argument_group("what to train")
-    what.add_argument("--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x). "
-                      f"Without it: the demo, {demo.TOKEN} (init {demo.INIT!r}) on weights/{demo.DEMO_IMAGES.name}/ "
-                      f"with the tiny weights/{demo.DEMO_MODEL.name} at {demo.RESOLUTION} px, {demo.STEPS} steps, "
-                      f"batch {demo.BATCH_SIZE}, lr {demo.LR:g} {demo.LR_SCHEDULE}, into {demo.OUTPUT}, ending with an "
-                      "init-vs-learned grid; flags given override these")
-    what.add_argument("--images", help="folder with 3-20 images of the concept (jpg/png/webp/bmp; "
-                      "optional <image>.txt captions for [filewords])")
-    what.add_argument("--token", help="the new word, e.g. '<my-cat>'; files are named after it without <> "
-                      "(A1111/ComfyUI trigger on the file name)")
-    what.add_argument("--init", help="word(s) whose vectors start the embedding, e.g. 'cat' (default '*'), "
-                      "or an embedding file to continue from")
-    what.add_argument("--vectors", type=int, help="vectors per token, 1-75 (default 1; more = more capacity, "
-                      "more prompt space)")
-    how = parser.add_argument_group("training")
-    how.add_argument("--steps", type=int, help="total optimizer steps, also when resuming (default 3000)")
-    how.add_argument("--resolution", type=int, help="training size in pixels (default 512; 768 for SD 2.x v models)")
-    how.add_argument("--batch-size", type=int, help="images per micro-batch (default 1)")
-    how.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    how.add_argument("--lr", help="learning rate (default 5e-3), or A1111's schedule '0.005:100, 1e-3:1000, 1e-5'")
-    how.add_argument("--lr-schedule", help="constant (default), cosine or linear decay to 0, or A1111's syntax")
-    how.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    how.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    how.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (default: no clipping)")
-    how.add_argument("--seed", type=int, help="makes batches, crops, timesteps and noise reproducible (default 0)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--template", help="object (default), style, or a text file of prompts with [name] "
-                      "(and optionally [filewords])")
-    data.add_argument("--repeats", type=int, help="each image this many times per epoch (default 1)")
-    data.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                      help="also train on mirrored images (default off: text and logos must not mirror)")
-    data.add_argument("--crop", choices=("center", "random"), help="square crop after resizing the short side "
-                      "(default center)")
-    data.add_argument("--random-crops", type=int, help="crop variants cached per image with --crop random (default 4)")
-    data.add_argument("--alpha-mask", action=argparse.BooleanOptionalAction, default=None,
-                      help="PNG transparency weights the loss (default: composite on white only)")
-    data.add_argument("--latent-sampling", choices=("mean", "sample"),
-                      help="cache the VAE posterior mean (default) or one sample per image variant")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", help="run folder (default runs/<token without <>>)")
-    out.add_argument("--save-every", type=int, help="save <name>-<step>.safetensors and the state every N steps "
-                     "(default 500; 0 = only at the end)")
-    out.add_argument("--preview-every", type=int, help="draw a preview image every N steps (default 500; 0 = never)")
-    out.add_argument("--preview-prompt", help="prompt for previews (default: the first template line)")
-    out.add_argument("--preview-steps", type=int, help="sampling steps per preview (default 20)")
-    out.add_argument("--resume", metavar="DIR", help="continue the run in DIR (settings not given are taken from "
-                     "its config.json)")
-    out.add_argument("--overwrite", action="store_true", default=None,
-                     help="start a new run in an --output folder that already holds one")
-    dev = parser.add_argument_group("device")
-    dev.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    dev.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default float16 on cuda, float32 on "
-                     "cpu); the embedding is always trained in float32")
-    dev.add_argument("--memory", choices=("auto", "low", "fast"),
-                     help="low: recompute each UNet block in backward (least VRAM, ~30%% slower); fast: store "
-                     "activations; auto (default): fast when it fits in free GPU memory, else low")
-    dev.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type "
-                     "(SD 2.x 768 models are v)")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    groups[WHAT].add_argument(
+        "--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x). Without it: the "
+        f"demo, {demo.TOKEN} (init {demo.INIT!r}) on weights/{demo.DEMO_IMAGES.name}/ with the tiny "
+        f"weights/{demo.DEMO_MODEL.name} at {demo.RESOLUTION} px, {demo.STEPS} steps, batch {demo.BATCH_SIZE}, "
+        f"lr {demo.LR:g} {demo.LR_SCHEDULE}, into {demo.OUTPUT}, ending with an init-vs-learned grid; flags given "
+        "override these")
+    add_config_flags(groups)
+    device = groups[DEVICE]
+    device.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    device.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default float16 on cuda, float32 on "
+                        "cpu); the embedding is always trained in float32")
+    device.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type "
+                        "(SD 2.x 768 models are v)")
+
+
+def default_help(field: dataclasses.Field) -> str:
+    """The default a flag's help names: the field's metadata says it where the field's own
+    default does not (None) or differs from the command line's."""
+    if field.metadata["default_help"] is not None:
+        return field.metadata["default_help"]
+    if isinstance(field.default, bool):
+        return "on" if field.default else "off"
+    if isinstance(field.default, float):
+        return f"{field.default:g}"
+    return str(field.default)
+
+
+def add_config_flags(groups: dict) -> None:
+    """One flag per TrainConfig field that has a --help group (`groups`: name -> argparse group):
+    --flag-name from the field's name, its help from the metadata with "(default X)" appended.
+    Every flag defaults to None, so that resolve() can tell a flag that was given from one that
+    was not."""
+    for field in dataclasses.fields(TrainConfig):
+        group = field.metadata["group"]
+        if group is None:
+            continue
+        help_text = f"{field.metadata['help']} (default {default_help(field)})".replace("%", "%%")
+        groups[group].add_argument("--" + field.name.replace("_", "-"), default=None, help=help_text,
+                                   **field.metadata["argparse"])
 
 
 # --------------------------------------------------------------------------- resolving
 
 
-def _train_fields() -> set[str]:
-    from minti.training.trainer import TrainConfig
-
-    return {f.name for f in fields(TrainConfig)}
-
-
-def resolve(args: argparse.Namespace) -> tuple[dict, object]:
-    """-> (load settings {model, device, dtype, prediction}, TrainConfig)."""
+def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
+    """-> (load settings {model, device, dtype, prediction, demo}, TrainConfig)."""
     from minti.demo import demo
     from minti.training.embedding import file_stem
-    from minti.training.trainer import TrainConfig
+    from minti.training.run_folder import RunFolder
 
     given = {k: v for k, v in vars(args).items() if v is not None}
     saved: dict = {}
@@ -108,20 +86,11 @@ def resolve(args: argparse.Namespace) -> tuple[dict, object]:
     load = {"model": given.get("model"), "device": given.get("device"), "dtype": given.get("dtype"),
             "prediction": given.get("prediction"), "demo": is_demo}
     if args.resume is not None:
-        record_path = Path(args.resume) / "config.json"
-        if not record_path.is_file():
-            raise UserError(f"--resume {args.resume}: no config.json there; pass the output folder of an earlier "
-                            "minti train run")
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            saved = dict(record["config"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{record_path} is damaged ({e}): pass --model, --images and --token again") from None
+        record = RunFolder(args.resume).read_config()
+        # where to write and whether to start over are this command's, not the saved run's
+        saved = {k: v for k, v in record["config"].items() if k not in ("resume", "overwrite", "output")}
         load["model"] = load["model"] or record.get("model")
         load["dtype"] = load["dtype"] or record.get("dtype")
-        saved.pop("resume", None)
-        saved.pop("overwrite", None)
-        saved.pop("output", None)
         if "prediction" in record.get("identity", {}) and load["prediction"] is None:
             load["prediction"] = record["identity"]["prediction"]
         load["demo"] = demo.is_demo_model(load["model"])  # a resumed demo run ends with the grid too
@@ -130,18 +99,13 @@ def resolve(args: argparse.Namespace) -> tuple[dict, object]:
                         "or diffusers folder)")
     if "token" not in given and "token" not in saved:
         raise UserError("no token: pass --token with the new word to learn, e.g. --token '<my-cat>'")
-    names = _train_fields()
-    values = {k: v for k, v in saved.items() if k in names}
-    if "adam_betas" in values:
-        values["adam_betas"] = tuple(values["adam_betas"])
-    values.update({k: v for k, v in given.items() if k in names})
-    if "lr" in values and isinstance(values["lr"], str):
+    values = {**saved, **known_fields(given)}
+    if isinstance(values.get("lr"), str):
         try:
             values["lr"] = float(values["lr"])
         except ValueError:
-            pass  # an A1111 schedule string; minti.training.schedules parses it
-    token = values["token"]
-    values["output"] = given.get("output") or args.resume or str(Path("runs") / file_stem(token))
+            pass  # an A1111 schedule string; minti.training.lr_schedules parses it
+    values["output"] = given.get("output") or args.resume or str(Path("runs") / file_stem(values["token"]))
     return load, TrainConfig(**values)
 
 

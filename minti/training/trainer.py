@@ -9,80 +9,36 @@ else stays frozen and bit-identical. Every random draw (batch order, crop/flip v
 timestep, noise) is derived from (seed, step), so a resumed run draws exactly what the
 uninterrupted one would have, and a CPU run is bit-reproducible.
 
-Files in `output` (when set): <name>.safetensors / <name>.pt / learned_embeds.safetensors (see
-minti.training.embedding), <name>-<step>.safetensors every save_every steps, previews/<name>-<step>.png,
-loss.jsonl, config.json (the resolved run) and state.pt (what --resume needs).
+`train` is the whole run, top to bottom: setup, then the loop of optimizer steps with its
+logging, saves, previews and stop handling. What it writes into `output` (when set) and reads
+back to resume is minti.training.run_folder's; the settings are minti.training.config's.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from minti import atomic
-from minti.training import memory
-from minti import sampling as smp
-from minti import diffusion
-from minti.training import lr_schedules
-from minti.training import templates as tpl
+from minti import atomic, diffusion, sampling
 from minti.errors import UserError
+from minti.training import lr_schedules, memory
+from minti.training import templates as tpl
+from minti.training.config import TrainConfig
 from minti.training.data import TrainingData, generator, load_images
 from minti.training.embedding import Embedding, file_stem, load_embedding
+from minti.training.run_folder import RunFolder, checkpoint_short_hash, model_identity
 
 log = logging.getLogger("minti")
 
-STATE_FILE = "state.pt"
-STATE_FORMAT = "minti-train-state-1"
 MAX_VECTORS = 75  # a prompt holds 75 content tokens; more vectors than that can never be used
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs besides the model. Defaults follow A1111 where users expect them."""
-    token: str = "<concept>"  # the placeholder; files are named after it without <>
-    images: str | Path | None = None  # folder of 3-20 images of the concept
-    init: str = "*"  # words whose token vectors start the embedding, or an embedding file
-    vectors: int | None = None  # vectors per token (1-75); default 1, or the init file's count
-    steps: int = 3000  # total optimizer steps, also when resuming
-    resolution: int | None = None  # default: 512 (SD 1.x, SD 2.x eps), 768 (SD 2.x v), 1024 (SDXL)
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float | str = 5e-3  # a number, or A1111's "0.005:100, 1e-3:1000, 1e-5"
-    lr_schedule: str = "constant"  # constant | cosine | linear (or the A1111 text)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = None  # clip the vectors' gradient norm (None: no clipping)
-    template: str = "object"  # object | style | path of a file with [name]/[filewords] lines
-    repeats: int = 1  # each image this many times per epoch
-    flip: bool = False  # also train on mirrored images (off: text and logos must not flip)
-    crop: str = "center"  # center | random
-    random_crops: int = 4  # cached crop variants per image for crop="random"
-    alpha_mask: bool = False  # PNG alpha weights the loss instead of only compositing on white
-    latent_sampling: str = "mean"  # mean | sample (one VAE sample per variant, drawn once)
-    loss_scale: float | None = None  # fp16 dynamic loss scaling start; None: 2**16 for fp16 models, off otherwise
-    save_every: int = 500  # intermediate <name>-<step>.safetensors + state (0: only at the end)
-    preview_every: int = 500  # preview PNG every N steps, and before the first (0: none)
-    preview_prompt: str | None = None  # default: the first template line
-    preview_steps: int = 20
-    preview_cfg: float = 7.5
-    preview_sampler: str = "ddim"
-    seed: int = 0
-    output: str | Path | None = None  # None: write nothing (API use); the CLI defaults to runs/<name>
-    resume: str | Path | None = None  # a run folder with state.pt
-    overwrite: bool = False  # allow a fresh run into a folder that already holds one
-    memory: str = "auto"  # auto | low | fast: recompute UNet blocks in backward (low) or store them (fast)
 
 
 @dataclass
@@ -105,7 +61,6 @@ class _Stop:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal_name = ""
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _Stop:
@@ -118,7 +73,6 @@ class _Stop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -157,34 +111,6 @@ class LossScaler:
 
 
 # ---------------------------------------------------------------------------- model helpers
-
-
-def checkpoint_short_hash(path: str | Path) -> str | None:
-    """A1111's short hash of a model file (first 10 hex digits of its sha256); None for a folder."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
-
-
-def _folder_fingerprint(path: Path) -> str:
-    # A diffusers folder has no single hash users know; names and sizes of its files identify it.
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt"):
-            h.update(f"{p.relative_to(path).as_posix()}:{p.stat().st_size};".encode())
-    return "folder:" + h.hexdigest()[:10]
-
-
-def model_identity(sd, short_hash: str | None) -> dict:
-    """What a resumed run must share with its start: a run on another model would train nonsense."""
-    source = Path(sd.source)
-    return {"family": sd.family, "prediction": sd.prediction, "embedding_dims": list(sd.embedding_dims),
-            "hash": short_hash if short_hash is not None else _folder_fingerprint(source)}
 
 
 def token_table(encoder: torch.nn.Module) -> torch.Tensor:
@@ -243,9 +169,10 @@ def register_token(sd, token: str, n: int) -> int:
     return ids[0] - tokenizer.vocab_size
 
 
-def _resolution(sd, config: TrainConfig) -> int:
-    res = config.resolution or smp.default_size(sd)
-    factor = smp.latent_factor(sd)
+def training_resolution(sd, config: TrainConfig) -> int:
+    """config.resolution, or the model family's native size; checked against the UNet's depth."""
+    res = config.resolution or sampling.default_size(sd)
+    factor = sampling.latent_factor(sd)
     # The UNet halves the latent once per level below the first; the latent must survive that.
     levels = len(sd.unet.cfg.channel_mult) - 1 if hasattr(sd.unet, "cfg") else 3
     multiple = factor * 2 ** levels
@@ -270,193 +197,98 @@ def _validate(config: TrainConfig) -> None:
         raise UserError("no training images: pass --images with a folder of 3-20 pictures of the concept")
     if not config.token or any(c.isspace() for c in config.token):
         raise UserError(f"--token {config.token!r} must be one word without spaces, e.g. <my-cat>")
-    if config.preview_sampler not in smp.SAMPLERS:
-        raise UserError(f"unknown preview sampler {config.preview_sampler!r}: use {' or '.join(smp.SAMPLERS)}")
+    if config.preview_sampler not in sampling.SAMPLERS:
+        raise UserError(f"unknown preview sampler {config.preview_sampler!r}: use {' or '.join(sampling.SAMPLERS)}")
 
 
-# ---------------------------------------------------------------------------- the run
+def _freeze(sd) -> None:
+    # minti.load returns frozen modules; make sure, since a stray requires_grad would make
+    # autograd keep a gradient the size of the whole model.
+    for module in [sd.unet, *sd.text_encoders]:
+        module.requires_grad_(False).eval()
 
 
-class _Run:
-    """One training session: holds the state that the loop, the saves and resume share."""
+@contextmanager
+def _as_user_error() -> Iterator[None]:
+    """The data, template, schedule and memory code raise ValueError for bad input: the user's."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
-    def __init__(self, sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | None) -> None:
-        self.sd, self.config, self.on_step = sd, config, on_step
-        self.out = Path(config.output) if config.output is not None else None
-        self.name = file_stem(config.token)
-        # Hashing a multi-GB file takes seconds: only when files are written or a resume is checked.
-        needs_identity = self.out is not None or config.resume is not None
-        self.short_hash = checkpoint_short_hash(sd.source) if needs_identity else None
-        self.identity = model_identity(sd, self.short_hash) if needs_identity else None
-        self.step = 0
-        self.last_loss = float("nan")
-        self.log_file = None
 
-    # -- setup --------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        cfg, sd = self.config, self.sd
-        try:
-            self.schedule = lr_schedules.make_lr_schedule(cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup_steps)
-            templates = tpl.load_templates(cfg.template)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        self.resolution = _resolution(sd, cfg)
-        try:
-            self.memory_plan = memory.apply(sd, cfg.memory, self.resolution, cfg.batch_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        resume_state = self._read_resume() if cfg.resume is not None else None
-        if resume_state is None and self.out is not None and (self.out / STATE_FILE).exists() and not cfg.overwrite:
-            raise UserError(f"{self.out} already holds a training run: continue it with --resume {self.out}, "
-                            "or pick another --output (or pass --overwrite to start over there)")
-        n = cfg.vectors or (resume_state["n_vectors"] if resume_state else None)
-        init = initial_vectors(sd, cfg.init, n)
-        self.n_vectors = init[0].shape[0]
-        self.offset = register_token(sd, cfg.token, self.n_vectors)
-        try:
-            images = load_images(cfg.images)
-            if cfg.template in tpl.BUILTIN and any(im.caption for im in images):
-                # captions name what the token should NOT absorb (background, pose, ...): use them
-                templates = tpl.with_filewords(templates)
-            self.data = TrainingData(images, self.resolution, templates, cfg.token, seed=cfg.seed, crop=cfg.crop,
-                                     random_crops=cfg.random_crops, flip=cfg.flip, alpha_mask=cfg.alpha_mask,
-                                     repeats=cfg.repeats)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        self._check_prompt_length(templates, images)
-        self.preview_prompt = cfg.preview_prompt or tpl.fill(templates[0], cfg.token)
-        if cfg.preview_prompt and cfg.token not in cfg.preview_prompt:
-            log.warning("--preview-prompt %r does not contain %s: previews will not show the concept",
-                        cfg.preview_prompt, cfg.token)
+def _restore_vae(sd) -> bool:
+    """Bring the VAE to the device to cache the latents; -> whether it was loaded before."""
+    if sd.vae is not None:
+        return True
+    try:
+        sd.restore_vae(sd.device)
+    except RuntimeError as e:
+        raise UserError(f"training needs the VAE encoder to cache the images' latents ({e}): load the "
+                        "model with its VAE") from None
+    return False
 
-        self.params = [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init]
-        beta1, beta2 = cfg.adam_betas
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.schedule(0), betas=(beta1, beta2), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
-        fp16 = sd.dtype == torch.float16
-        self.scaler = LossScaler(cfg.loss_scale if cfg.loss_scale is not None else (2.0 ** 16 if fp16 else None))
-        if resume_state is not None:
-            self._apply_resume(resume_state)
-        self.acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
 
-    def _check_prompt_length(self, templates: list[str], images) -> None:
-        # The text encoder sees 75 tokens; vectors pushed past that are cut off and never trained.
-        tokenizer = self.sd.tokenizers[0]
-        captions = {im.caption for im in images} or {""}
-        longest = max(len(tokenizer.tokenize_words(tpl.fill(t, self.config.token, c)))
-                      for t in templates for c in captions)
-        if longest > MAX_VECTORS:
-            log.warning("the longest training prompt is %d tokens; CLIP reads 75, so the rest (possibly some of "
-                        "the %d vectors) is cut off: use fewer --vectors, shorter captions or templates",
-                        longest, self.n_vectors)
+@contextmanager
+def _latents_cached(sd, data: TrainingData, latent_sampling: str, vae_was_loaded: bool) -> Iterator[None]:
+    """Encode every image variant once; the VAE then leaves the training device until training
+    is over (and comes back if it was loaded before)."""
+    with _as_user_error():
+        data.encode(sd, latent_sampling)
+    sd.offload_vae()
+    try:
+        yield
+    finally:
+        if vae_was_loaded:
+            sd.restore_vae(sd.device)
 
-    def _read_resume(self) -> dict:
-        folder = Path(self.config.resume)
-        path = folder / STATE_FILE if folder.is_dir() else folder
-        if not path.is_file():
-            raise UserError(f"--resume {folder}: no {STATE_FILE} there; pass the output folder of an earlier run")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged file, or not ours
-            raise UserError(f"cannot read {path} ({e}): the state is damaged; start again or use an earlier copy") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise UserError(f"{path} is not a minti training state")
-        if state["token"] != self.config.token:
-            raise UserError(f"--resume {folder} trained token {state['token']!r}, not {self.config.token!r}: "
-                            f"resume with --token {state['token']} or start a new run with another --output")
-        if state["model"] != self.identity:
-            theirs, ours = state["model"], self.identity
-            diff = [k for k in ours if theirs.get(k) != ours[k]]
-            raise UserError(f"--resume {folder} was trained on another model ({', '.join(f'{k} {theirs.get(k)} vs {ours[k]}' for k in diff)}): "
-                            "resume with the same --model it started with")
-        if self.config.vectors is not None and self.config.vectors != state["n_vectors"]:
-            raise UserError(f"--resume {folder} has {state['n_vectors']} vectors, not --vectors {self.config.vectors}")
-        return state
 
-    def _apply_resume(self, state: dict) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, state["vectors"]):
-                p.copy_(v.to(p.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        log.info("resuming %s from step %d", self.config.token, self.step)
+def _training_data(sd, config: TrainConfig, resolution: int, templates: list[str], n_vectors: int) -> TrainingData:
+    with _as_user_error():
+        images = load_images(config.images)
+        if config.template in tpl.BUILTIN and any(im.caption for im in images):
+            # captions name what the token should NOT absorb (background, pose, ...): use them
+            templates = tpl.with_filewords(templates)
+        data = TrainingData(images, resolution, templates, config.token, seed=config.seed, crop=config.crop,
+                            random_crops=config.random_crops, flip=config.flip, alpha_mask=config.alpha_mask,
+                            repeats=config.repeats)
+    # The text encoder sees 75 tokens; vectors pushed past that are cut off and never trained.
+    tokenizer = sd.tokenizers[0]
+    captions = {im.caption for im in images} or {""}
+    longest = max(len(tokenizer.tokenize_words(tpl.fill(t, config.token, c))) for t in templates for c in captions)
+    if longest > MAX_VECTORS:
+        log.warning("the longest training prompt is %d tokens; CLIP reads 75, so the rest (possibly some of "
+                    "the %d vectors) is cut off: use fewer --vectors, shorter captions or templates",
+                    longest, n_vectors)
+    return data
 
-    # -- files --------------------------------------------------------------------------------
-    def embedding(self) -> Embedding:
-        return Embedding(self.config.token, [p.detach().float().cpu() for p in self.params], step=self.step,
-                         sd_checkpoint=self.short_hash,
-                         sd_checkpoint_name=_checkpoint_name(self.sd.source))
 
-    def write_config(self) -> None:
-        cfg = dataclasses.asdict(self.config)
-        cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()}
-        # absolute paths, so that `--resume DIR` works from any working directory
-        cfg.update(vectors=self.n_vectors, resolution=self.resolution, images=str(Path(self.config.images).resolve()))
-        if Path(cfg["template"]).is_file():
-            cfg["template"] = str(Path(cfg["template"]).resolve())
-        record = {"config": cfg, "model": str(Path(self.sd.source).resolve()), "dtype": str(self.sd.dtype).removeprefix("torch."),
-                  "device": str(self.sd.device), "identity": self.identity, "minti": _version()}
-        atomic.write_text(self.out / "config.json", json.dumps(record, indent=2) + "\n")
+def _preview_prompt(config: TrainConfig, templates: list[str]) -> str:
+    if config.preview_prompt and config.token not in config.preview_prompt:
+        log.warning("--preview-prompt %r does not contain %s: previews will not show the concept",
+                    config.preview_prompt, config.token)
+    return config.preview_prompt or tpl.fill(templates[0], config.token)
 
-    def save(self, intermediate: bool = False) -> list[Path]:
-        """Embeddings in every format, plus the resumable state; the state last, so a state
-        file never points at vectors newer than the embedding files."""
-        if self.out is None:
-            return []
-        emb = self.embedding()
-        files = emb.save(self.out)
-        if intermediate:
-            files += emb.save(self.out / f"{self.name}-{self.step}.safetensors")
-        state = {"format": STATE_FORMAT, "token": self.config.token, "n_vectors": self.n_vectors,
-                 "model": self.identity, "step": self.step, "vectors": [p.detach().cpu() for p in self.params],
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(),
-                         **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}}
-        atomic.torch_save(state, self.out / STATE_FILE)
-        return files
 
-    def open_log(self) -> None:
-        if self.out is None:
-            self.log_file = None
-            return
-        path = self.out / "loss.jsonl"
-        kept = []
-        if self.step > 0 and path.exists():  # resuming: drop entries past the resumed step
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    continue
-        atomic.write_text(path, "".join(line + "\n" for line in kept))
-        self.log_file = open(path, "a", encoding="utf-8")
+def _checkpoint_name(source) -> str:
+    # A1111 records the model's file name without suffix; a diffusers folder has its folder name.
+    source = Path(source)
+    return source.stem if source.is_file() else source.name
 
-    def preview(self) -> None:
-        if self.out is None or not self.config.preview_every:
-            return
-        sd, cfg = self.sd, self.config
-        shape = tuple(self.data.latents.shape[1:])
-        was_offloaded = sd.vae is None
-        latents = smp.generate(sd, [self.preview_prompt], extra=self.extra(detach=True), steps=cfg.preview_steps,
-                               cfg=cfg.preview_cfg, seeds=[cfg.seed], method=cfg.preview_sampler,
-                               height=self.resolution, width=self.resolution, shape=shape)
-        if was_offloaded:
-            sd.restore_vae(sd.device)  # the decoder comes back only for this
-        try:
-            with torch.no_grad():
-                pixels = sd.decode_latents(latents.to(sd.dtype))
-        finally:
-            if was_offloaded:
-                sd.offload_vae()
-        atomic.save_png(smp.to_pil(pixels)[0], self.out / "previews" / f"{self.name}-{self.step:05d}.png")
 
-    # -- the step -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- the step
+
+
+@dataclass
+class _Vectors:
+    """The trained rows of `token`: one fp32 [n, dim] Parameter per text encoder, placed after
+    `offset` rows of placeholders registered on the model before it."""
+    token: str
+    params: list[torch.nn.Parameter]
+    offset: int
+    sd_checkpoint: str | None  # what the saved embedding records about the model
+    sd_checkpoint_name: str
+
     def extra(self, detach: bool = False) -> list[torch.Tensor]:
         """The `extra` rows for encode_tokens: zeros for placeholders registered before ours."""
         out = []
@@ -467,157 +299,186 @@ class _Run:
             out.append(v)
         return out
 
-    def loss(self, latents: torch.Tensor, prompts: list[str], weights: torch.Tensor | None, variants,
-             noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sd = self.sd
-        context, pooled = sd.encode_tokens(sd.tokenize(prompts), self.extra())
-        y = None
-        if sd.family == "sdxl":
-            y = torch.cat([sd.sdxl_vector(pooled[i:i + 1], original_size=self.data.sizes[v.image],
-                                          crop=(v.top, v.left), target_size=(self.resolution, self.resolution))
-                           for i, v in enumerate(variants)])
-        return diffusion.diffusion_loss(sd.unet, latents.to(sd.device), noise, t, context, y,
-                                        prediction=sd.prediction, weights=weights, acp=self.acp)
+    def embedding(self, step: int) -> Embedding:
+        return Embedding(self.token, [p.detach().float().cpu() for p in self.params], step=step,
+                         sd_checkpoint=self.sd_checkpoint, sd_checkpoint_name=self.sd_checkpoint_name)
 
-    def train_step(self) -> tuple[float, bool]:
-        """One optimizer step over grad_accum micro-batches -> (mean loss, applied)."""
-        cfg = self.config
-        scale = self.scaler.scale if self.scaler.enabled else 1.0
-        losses = []
-        for micro in range(cfg.grad_accum):
-            first = (self.step * cfg.grad_accum + micro) * cfg.batch_size
-            latents, prompts, weights, variants = self.data.batch(first, cfg.batch_size)
-            g = generator(cfg.seed, "noise", self.step, micro)
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, diffusion.NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=g)
-            loss = self.loss(latents, prompts, weights, variants, noise, t)
-            (loss * (scale / cfg.grad_accum)).backward()
-            losses.append(loss.detach())
-        mean_loss = float(torch.stack(losses).mean())
-        finite = math.isfinite(mean_loss) and all(bool(torch.isfinite(p.grad).all()) for p in self.params)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update(False)
-            if not self.scaler.enabled:
-                raise _Diverged(mean_loss)
-            return mean_loss, False
-        if scale != 1.0:
-            for p in self.params:
-                p.grad.div_(scale)
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule(self.step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.update(True)
-        return mean_loss, True
+
+def _resume(state: dict, vectors: _Vectors, optimizer: torch.optim.Optimizer, scaler: LossScaler) -> int:
+    """Put a run_folder state back in place; -> the step it was saved at."""
+    with torch.no_grad():
+        for p, v in zip(vectors.params, state["vectors"]):
+            p.copy_(v.to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    log.info("resuming %s from step %d", vectors.token, int(state["step"]))
+    return int(state["step"])
+
+
+def _micro_batch_loss(sd, config: TrainConfig, data: TrainingData, vectors: _Vectors, acp: torch.Tensor,
+                      step: int, micro: int) -> torch.Tensor:
+    """The loss of micro-batch `micro` of optimizer step `step`: its samples, timesteps and noise
+    depend on (seed, step, micro) only."""
+    first = (step * config.grad_accum + micro) * config.batch_size
+    latents, prompts, weights, variants = data.batch(first, config.batch_size)
+    g = generator(config.seed, "noise", step, micro)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, diffusion.NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=g)
+    context, pooled = sd.encode_tokens(sd.tokenize(prompts), vectors.extra())
+    y = None
+    if sd.family == "sdxl":
+        size = (data.resolution, data.resolution)
+        y = torch.cat([sd.sdxl_vector(pooled[i:i + 1], original_size=data.sizes[v.image], crop=(v.top, v.left),
+                                      target_size=size) for i, v in enumerate(variants)])
+    return diffusion.diffusion_loss(sd.unet, latents.to(sd.device), noise, t, context, y,
+                                    prediction=sd.prediction, weights=weights, acp=acp)
 
 
 class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         self.loss = loss
 
-
-def _checkpoint_name(source) -> str:
-    # A1111 records the model's file name without suffix; a diffusers folder has its folder name.
-    source = Path(source)
-    return source.stem if source.is_file() else source.name
-
-
-def _version() -> str:
-    import minti
-
-    return minti.__version__
+    def user_error(self, step: int, folder: RunFolder | None) -> UserError:
+        where = f"; the embedding from step {step} is in {folder.path}" if folder is not None else ""
+        return UserError(f"the loss or its gradient became non-finite at step {step + 1} (loss {self.loss}; "
+                         f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
 
 
-def _freeze(sd) -> None:
-    # minti.load returns frozen modules; make sure, since a stray requires_grad would make
-    # autograd keep a gradient the size of the whole model.
-    for module in [sd.unet, *sd.text_encoders]:
-        module.requires_grad_(False).eval()
+def _optimizer_step(sd, config: TrainConfig, data: TrainingData, vectors: _Vectors, acp: torch.Tensor,
+                    optimizer: torch.optim.Optimizer, scaler: LossScaler, step: int, lr: float) -> tuple[float, bool]:
+    """One optimizer step over grad_accum micro-batches -> (mean loss, applied). A non-finite
+    loss or gradient skips the step under fp16 loss scaling and raises _Diverged without it."""
+    scale = scaler.scale if scaler.enabled else 1.0
+    losses = []
+    for micro in range(config.grad_accum):
+        loss = _micro_batch_loss(sd, config, data, vectors, acp, step, micro)
+        (loss * (scale / config.grad_accum)).backward()
+        losses.append(loss.detach())
+    mean_loss = float(torch.stack(losses).mean())
+    finite = math.isfinite(mean_loss) and all(bool(torch.isfinite(p.grad).all()) for p in vectors.params)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update(False)
+        if not scaler.enabled:
+            raise _Diverged(mean_loss)
+        return mean_loss, False
+    if scale != 1.0:
+        for p in vectors.params:
+            p.grad.div_(scale)
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(vectors.params, config.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.update(True)
+    return mean_loss, True
+
+
+def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prompt: str, data: TrainingData,
+             step: int) -> None:
+    """Draw the preview image of `step` (always the same seed) into the run folder."""
+    was_offloaded = sd.vae is None
+    latents = sampling.generate(sd, [prompt], extra=vectors.extra(detach=True), steps=config.preview_steps,
+                                guidance=config.preview_guidance, seeds=[config.seed],
+                                method=config.preview_sampler, height=data.resolution, width=data.resolution,
+                                shape=tuple(data.latents.shape[1:]))
+    if was_offloaded:
+        sd.restore_vae(sd.device)  # the decoder comes back only for this
+    try:
+        with torch.no_grad():
+            pixels = sd.decode_latents(latents.to(sd.dtype))
+    finally:
+        if was_offloaded:
+            sd.offload_vae()
+    atomic.save_png(sampling.to_pil(pixels)[0], folder.preview_path(file_stem(config.token), step))
+
+
+# ---------------------------------------------------------------------------- the run
 
 
 def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | None = None) -> Embedding:
     """Train `config.token` on `config.images` with the loaded model `sd`; return the embedding.
 
-    With config.output set, writes the run's files there (see the module docstring) and handles
+    With config.output set, writes the run's files there (minti.training.run_folder) and handles
     Ctrl-C/SIGTERM by saving and returning early (the returned step is then < config.steps).
     on_step(StepInfo) runs after every optimizer step; returning False stops like Ctrl-C.
-    Raises minti.cli.UserError for bad input and for a loss that turns NaN/inf without fp16 loss
-    scaling (after saving the last good embedding).
+    Raises minti.errors.UserError for bad input and for a loss that turns NaN/inf without fp16
+    loss scaling (after saving the last good embedding).
     """
     _validate(config)
     _freeze(sd)
-    vae_was_loaded = sd.vae is not None
-    if not vae_was_loaded:
-        try:
-            sd.restore_vae(sd.device)  # needed once, to cache the latents
-        except RuntimeError as e:
-            raise UserError(f"training needs the VAE encoder to cache the images' latents ({e}): load the "
-                            "model with its VAE") from None
-    run = _Run(sd, config, on_step)
-    run.prepare()
-    with _Stop() as stop:
-        try:
-            run.data.encode(sd, config.latent_sampling)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        sd.offload_vae()  # latents are cached: the VAE leaves the training device
-        try:
-            return _loop(run, stop)
-        finally:
-            if vae_was_loaded:
-                sd.restore_vae(sd.device)
+    vae_was_loaded = _restore_vae(sd)  # needed once, to cache the latents
+    folder = RunFolder(config.output) if config.output is not None else None
+    # Hashing a multi-GB file takes seconds: only when files are written or a resume is checked.
+    needs_identity = folder is not None or config.resume is not None
+    short_hash = checkpoint_short_hash(sd.source) if needs_identity else None
+    identity = model_identity(sd, short_hash) if needs_identity else None
+    with _as_user_error():
+        lr_at = lr_schedules.make_lr_schedule(config.lr, config.lr_schedule, config.steps, config.warmup_steps)
+        templates = tpl.load_templates(config.template)
+        resolution = training_resolution(sd, config)
+        memory.apply(sd, config.memory, resolution, config.batch_size)
+    state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
+             if config.resume is not None else None)
+    if state is None and folder is not None:
+        folder.refuse_if_taken(config.overwrite)
+    init = initial_vectors(sd, config.init, config.vectors or (state["n_vectors"] if state else None))
+    offset = register_token(sd, config.token, init[0].shape[0])
+    data = _training_data(sd, config, resolution, templates, init[0].shape[0])
+    preview_prompt = _preview_prompt(config, data.templates)
+    vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
+                       short_hash, _checkpoint_name(sd.source))
+    optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,
+                                  weight_decay=config.weight_decay)
+    fp16 = sd.dtype == torch.float16
+    scaler = LossScaler(config.loss_scale if config.loss_scale is not None else (2.0 ** 16 if fp16 else None))
+    step = _resume(state, vectors, optimizer, scaler) if state is not None else 0
+    resumed_at = step
+    acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
+    previews = folder is not None and config.preview_every > 0
 
-
-def _loop(run: _Run, stop: _Stop) -> Embedding:
-    cfg, sd = run.config, run.sd
-    if run.out is not None:
-        run.out.mkdir(parents=True, exist_ok=True)
-        run.write_config()
-        run.open_log()
-    resumed_at = run.step
-    try:
-        if run.step == 0 and not stop.requested:
-            run.preview()
+    with _Stop() as stop, _latents_cached(sd, data, config.latent_sampling, vae_was_loaded):
+        if folder is not None:
+            folder.write_config(config, sd, init[0].shape[0], resolution, identity)
+            folder.start_loss_log(step)
+        if previews and step == 0 and not stop.requested:
+            _preview(sd, config, folder, vectors, preview_prompt, data, step)
         start = time.perf_counter()
         if sd.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(sd.device)
-        while run.step < cfg.steps and not stop.requested:
-            lr = run.schedule(run.step)
+        while step < config.steps and not stop.requested:
+            lr = lr_at(step)
             try:
-                loss, applied = run.train_step()
-            except _Diverged as e:
-                files = run.save()
-                where = f"; the embedding from step {run.step} is in {run.out}" if files else ""
-                raise UserError(f"the loss or its gradient became non-finite at step {run.step + 1} (loss {e.loss}; "
-                                f"diverged){where}. Lower --lr, "
-                                "add --max-grad-norm 1, or train in float32") from None
-            run.step += 1
-            run.last_loss = loss
+                loss, applied = _optimizer_step(sd, config, data, vectors, acp, optimizer, scaler, step, lr)
+            except _Diverged as e:  # keep the last good vectors, then stop
+                if folder is not None:
+                    folder.save(vectors.embedding(step), identity, optimizer, scaler)
+                raise e.user_error(step, folder) from None
+            step += 1
             elapsed = time.perf_counter() - start
-            info = StepInfo(step=run.step, total=cfg.steps, loss=loss, lr=lr, skipped=not applied,
-                            loss_scale=run.scaler.scale, seconds=elapsed,
-                            steps_per_second=(run.step - resumed_at) / max(elapsed, 1e-9),
+            info = StepInfo(step=step, total=config.steps, loss=loss, lr=lr, skipped=not applied,
+                            loss_scale=scaler.scale, seconds=elapsed,
+                            steps_per_second=(step - resumed_at) / max(elapsed, 1e-9),
                             peak_memory=torch.cuda.max_memory_allocated(sd.device) if sd.device.type == "cuda" else None)
-            if run.log_file is not None:
-                run.log_file.write(json.dumps({"step": run.step, "loss": loss, "lr": lr, "skipped": not applied,
-                                               "loss_scale": run.scaler.scale, "seconds": round(elapsed, 3)}) + "\n")
-                run.log_file.flush()
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
-                run.save(intermediate=True)
-            if cfg.preview_every and run.step % cfg.preview_every == 0 and run.step < cfg.steps:
-                run.preview()
-            if run.on_step is not None and run.on_step(info) is False:
-                stop.requested, stop.signal_name = True, "on_step"
-        if run.step >= cfg.steps and run.step > resumed_at:
-            run.preview()
-        if run.step > 0 or resumed_at > 0:
-            run.save()
-        elif stop.requested:
+            if folder is not None:
+                folder.log_loss({"step": step, "loss": loss, "lr": lr, "skipped": not applied,
+                                 "loss_scale": scaler.scale, "seconds": round(elapsed, 3)})
+            if folder is not None and config.save_every and step % config.save_every == 0 and step < config.steps:
+                folder.save(vectors.embedding(step), identity, optimizer, scaler, intermediate=True)
+            if previews and step % config.preview_every == 0 and step < config.steps:
+                _preview(sd, config, folder, vectors, preview_prompt, data, step)
+            if on_step is not None and on_step(info) is False:
+                stop.requested = True
+        if previews and step >= config.steps and step > resumed_at:
+            _preview(sd, config, folder, vectors, preview_prompt, data, step)
+        if step == 0 and stop.requested:
             log.warning("stopped before the first step: nothing was saved")
-    finally:
-        if run.log_file is not None:
-            run.log_file.close()
-    return run.embedding()
+        elif step > 0 and folder is not None:
+            folder.save(vectors.embedding(step), identity, optimizer, scaler)
+    return vectors.embedding(step)

@@ -128,3 +128,69 @@ def test_ctrl_c_saves_exits_0_with_a_resume_hint(ckpt, images, tmp_path):
     assert step >= 2
     assert load_embedding(out / "leaf.pt").step == step
     assert load_embedding(out / "leaf.safetensors").vectors[0].shape == (1, 32)
+
+
+# TrainConfig fields that have no command-line flag on purpose: optimizer internals, the fp16
+# loss scale and the preview's sampler settings (the demo sets its own guidance in Python).
+API_ONLY = {"adam_betas", "adam_eps", "loss_scale", "preview_guidance", "preview_sampler"}
+
+
+def train_parser():
+    import argparse
+
+    from minti.cli.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def test_every_train_config_field_is_a_flag_whose_help_ends_with_its_default():
+    from dataclasses import MISSING, fields
+
+    from minti.training.config import TrainConfig
+
+    listed = subprocess.run([sys.executable, "-m", "minti", "train", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+    parser = train_parser()
+    actions = {opt: a for a in parser._actions for opt in a.option_strings}
+    flagged = set()
+    for field in fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name in API_ONLY:
+            assert flag not in actions, f"{field.name} is listed as API-only but has {flag}"
+            continue
+        flagged.add(field.name)
+        assert flag in listed and flag in actions, f"TrainConfig.{field.name} has no {flag} in train --help"
+        assert field.default is not MISSING
+        default = field.metadata["default_help"]
+        if default is None:
+            default = (("on" if field.default else "off") if isinstance(field.default, bool)
+                       else f"{field.default:g}" if isinstance(field.default, float) else str(field.default))
+        help_text = actions[flag].help.replace("%%", "%")
+        assert help_text.endswith(f"(default {default})"), (flag, help_text)
+    assert flagged | API_ONLY == {f.name for f in fields(TrainConfig)}
+    # the defaults as users read them, including the per-family ones
+    helps = {opt: a.help for opt, a in actions.items()}
+    assert helps["--steps"].endswith("(default 3000)") and helps["--lr"].endswith("(default 0.005)")
+    assert helps["--flip"].endswith("(default off)") and helps["--crop"].endswith("(default center)")
+    assert helps["--resolution"].endswith("(default 512; 768 for SD 2.x v models; 1024 for SDXL)")
+    assert helps["--output"].endswith("(default runs/<token without <>>)")
+    # every flag parses to None when not given: resolve() fills from the demo or the resumed run
+    assert all(v is None for v in vars(parser.parse_args([])).values())
+    assert actions["--crop"].choices == ("center", "random") and actions["--memory"].choices == ("auto", "low", "fast")
+    switches = parser.parse_args(["--no-flip", "--alpha-mask", "--overwrite"])
+    assert (switches.flip, switches.alpha_mask, switches.overwrite) == (False, True, True)
+
+
+def test_resume_reads_a_config_json_written_before_preview_cfg_was_renamed(ckpt, images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(ckpt, images, out, "--steps", "1")) == 0
+    record = json.loads((out / "config.json").read_text())
+    del record["config"]["preview_guidance"]
+    record["config"]["preview_cfg"] = 3.0  # what minti wrote before the rename
+    (out / "config.json").write_text(json.dumps(record))
+    assert main(["train", "--resume", str(out), "--steps", "2"]) == 0
+    assert "trained for 2 steps" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["config"]["preview_guidance"] == 3.0
+    assert load_embedding(out / "leaf.pt").step == 2

@@ -191,7 +191,8 @@ def shape_classes(sites: list[AttentionSite]) -> list[AttentionSite]:
     return list({(s.d, s.causal, s.nk == 77): s for s in sites}.values())
 
 
-def attention_rows(targets, dtypes, all_configs: bool, head_dims=None, one_per_class: bool = False):
+def attention_rows(targets, dtypes, all_configs: bool, head_dims=None, one_per_class: bool = False,
+                   smallest_only: bool = False):
     sites = [s for s in attention_sites() if head_dims is None or s.d in head_dims]
     sites = shape_classes(sites) if one_per_class else sites
     for target, limits in targets.items():
@@ -202,10 +203,13 @@ def attention_rows(targets, dtypes, all_configs: bool, head_dims=None, one_per_c
             for site in sites:
                 for name, fn, args, kind in attention_launches(site, dtype):
                     configs = fa.ATTENTION_CONFIGS[kind] if all_configs else fa.usable_configs(kind, site.d, dtype, limits)
-                    yield target, dtype_name, name, f"{site.model} {site.nq}x{site.nk} d{site.d}", fn, args, configs
+                    configs = configs[-1:] if smallest_only else configs  # the lists end with their smallest
+                    estimates = [fa.shared_bytes_estimate(kind, c, site.d, dtype) for c in configs]
+                    yield (target, dtype_name, name, f"{site.model} {site.nq}x{site.nk} d{site.d}", fn, args,
+                           list(zip(configs, estimates)))
 
 
-def small_kernel_rows(targets, dtypes):
+def small_kernel_rows(targets, dtypes, one_size: bool = False):
     """GroupNorm+SiLU and GEGLU: fixed blocks, Triton's default 4 warps and 3 stages."""
     for target, limits in targets.items():
         for dtype_name in dtypes:
@@ -214,7 +218,7 @@ def small_kernel_rows(targets, dtypes):
                 continue
             t, f32 = _tensor(dtype), _tensor(torch.float32)
             chunk = gn.CUDA_CHUNK
-            for model, c, g, s in norm_sizes():
+            for model, c, g, s in norm_sizes()[-1:] if one_size else norm_sizes():
                 m = c // g * s
                 n_chunks = triton.cdiv(m, chunk)
                 shape = f"{model} C{c} {int(s ** 0.5)}^2"
@@ -232,25 +236,25 @@ def small_kernel_rows(targets, dtypes):
                                                       SILU=True, **common)),
                 ]
                 for name, fn, args in launches:
-                    yield target, dtype_name, name, shape, fn, args, [(0, 0, 4, 3)]
-            for model, rows, width in geglu_sizes():
+                    yield target, dtype_name, name, shape, fn, args, [((0, 0, 4, 3), None)]
+            for model, rows, width in geglu_sizes()[:1] if one_size else geglu_sizes():
                 f = width // 2
                 args = dict(X=t, OUT=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=gg.CUDA_BLOCK)
-                yield target, dtype_name, "geglu_fwd", f"{model} {rows}x{width}", gg._geglu_fwd, args, [(0, 0, 4, 3)]
+                yield target, dtype_name, "geglu_fwd", f"{model} {rows}x{width}", gg._geglu_fwd, args, [((0, 0, 4, 3), None)]
                 args = dict(X=t, DOUT=t, DX=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=gg.CUDA_BLOCK)
-                yield target, dtype_name, "geglu_bwd", f"{model} {rows}x{width}", gg._geglu_bwd, args, [(0, 0, 4, 3)]
+                yield target, dtype_name, "geglu_bwd", f"{model} {rows}x{width}", gg._geglu_bwd, args, [((0, 0, 4, 3), None)]
 
 
 # ----------------------------------------------------------------------------- sweep and report
 
 def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: bool = False, head_dims=None,
-          one_per_class: bool = False):
+          one_per_class: bool = False, smallest_only: bool = False, one_size: bool = False):
     """Per (target, dtype, kernel): counts, worst shared / registers / spill, and the failures."""
     rows = []
     if "attention" in kernel_names:
-        rows += list(attention_rows(targets, dtypes, all_configs, head_dims, one_per_class))
+        rows += list(attention_rows(targets, dtypes, all_configs, head_dims, one_per_class, smallest_only))
     if "small" in kernel_names:
-        rows += list(small_kernel_rows(targets, dtypes))
+        rows += list(small_kernel_rows(targets, dtypes, one_size))
     stats = defaultdict(lambda: dict(configs=0, failed=0, over=0, spilled=0, shared=0, regs=0, spill=0))
     problems = []
     for target, dtype_name, name, shape, fn, args, configs in rows:
@@ -258,7 +262,7 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
         s = stats[(target, dtype_name, name)]
         if not configs:
             problems.append(f"{target} {dtype_name} {name} {shape}: no selectable config")
-        for block_m, block_n, warps, stages in configs:
+        for (block_m, block_n, warps, stages), estimate in configs:
             blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n} if block_m else {}
             r = compile_one(fn, {**args, **blocks}, limits.capability[0] * 10 + limits.capability[1], warps, stages)
             s["configs"] += 1
@@ -271,6 +275,8 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
             if r.shared > limits.shared_bytes:
                 s["over"] += 1
                 problems.append(f"{where}: shared {r.shared} > {limits.shared_bytes}")
+            if estimate is not None and r.shared > estimate:  # pruning trusts the estimate
+                problems.append(f"{where}: shared {r.shared} above the pruning estimate {estimate}")
             if r.spill:
                 s["spilled"] += 1
                 problems.append(f"{where}: spills {r.spill} bytes per thread")
@@ -299,12 +305,15 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", help="attention head dims only, e.g. 160 or 40,80")
     p.add_argument("--one-per-class", action="store_true",
                    help="one attention site per (head dim, causal, self/cross) instead of every site")
+    p.add_argument("--smallest-only", action="store_true",
+                   help="only the smallest selectable attention config per site (the one every device keeps)")
+    p.add_argument("--one-size", action="store_true", help="GroupNorm+SiLU and GEGLU at one size each")
     args = p.parse_args(argv)
     targets = {t: kernels.TARGET_LIMITS[t] for t in args.targets.split(",")}
     head_dims = {int(d) for d in args.head_dims.split(",")} if args.head_dims else None
     start = time.time()
     stats, problems = sweep(targets, args.dtypes.split(","), args.kernels.split(","), args.all_configs, args.verbose,
-                            head_dims, args.one_per_class)
+                            head_dims, args.one_per_class, args.smallest_only, args.one_size)
     print(f"triton {triton.__version__}, torch {torch.__version__}, {len(_CACHE)} distinct compiles in "
           f"{time.time() - start:.0f} s")
     print(table(stats))

@@ -114,12 +114,17 @@ def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may time on a GPU, per kernel:
 # "fwd" (_attn_fwd), "bwd_dkdv" (_attn_bwd_dkdv, with or without atomic dQ), "bwd_dq"
-# (_attn_bwd_dq). usable_configs keeps those that fit the running GPU; the small ones at the
-# end are there so that every head dim keeps one on 64 KiB (sm_75) and in fp32.
+# (_attn_bwd_dq). usable_configs keeps those that fit the running GPU. Each list ends with its
+# smallest config, there so that every head dim keeps one that fits 64 KiB (sm_75) in fp32
+# and does not spill registers on sm_75 (which stages loads through registers: 8 warps
+# spread the 160-wide tiles thinner than 4).
 ATTENTION_CONFIGS = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-    "bwd_dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
-    "bwd_dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+            (32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 8, 1)],
+    "bwd_dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+                 (16, 16, 8, 1)],
+    "bwd_dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+               (16, 16, 8, 1)],
 }
 
 
@@ -128,19 +133,20 @@ def _element_bytes(dtype: torch.dtype) -> int:
 
 
 def shared_bytes_estimate(kind: str, config: tuple[int, int, int, int], d: int, dtype: torch.dtype) -> int:
-    """Shared memory a config needs, modelled on what Triton allocates: the tiles its
-    software pipeline streams (num_stages copies of each loaded block) plus the layout
-    conversions of the tiles that feed a second dot. bench/compile_targets.py checks the
-    model against the compiled kernels on every target."""
+    """Shared memory a config needs, an upper bound modelled on what Triton allocates: the
+    blocks its software pipeline streams (num_stages copies, plus one where a target without
+    asynchronous copies stages them through registers), the tiles loaded once, and the layout
+    conversions of the tiles that feed a second dot. bench/compile_targets.py checks it
+    against the compiled kernels on every target."""
     block_m, block_n, _warps, stages = config
     width = sum(_head_pieces(d))
     e = _element_bytes(dtype)
-    if kind == "fwd":  # K and V blocks streamed
-        return stages * 2 * block_n * width * e
-    if kind == "bwd_dq":  # K and V blocks streamed, dS re-laid out for dS K
-        return stages * 2 * block_n * width * e + block_m * block_n * e
-    # bwd_dkdv: Q and dO blocks streamed, P^T and dS^T re-laid out for dV and dK
-    return stages * 2 * block_m * width * e + 2 * block_m * block_n * e
+    if kind == "fwd":  # K and V streamed; Q loaded once; P re-laid out for P V
+        return (stages + 1) * 2 * block_n * width * e + block_m * width * e + block_m * block_n * e
+    if kind == "bwd_dq":  # K and V streamed; Q and dO loaded once; dS re-laid out for dS K
+        return (stages + 1) * 2 * block_n * width * e + 2 * block_m * width * e + block_m * block_n * e
+    # bwd_dkdv: Q and dO streamed; K and V loaded once; P^T and dS^T re-laid out for dV and dK
+    return (stages + 1) * 2 * block_m * width * e + 2 * block_n * width * e + 2 * block_m * block_n * e
 
 
 def usable_configs(kind: str, d: int, dtype: torch.dtype, limits: "_k.DeviceLimits") -> list[tuple[int, int, int, int]]:

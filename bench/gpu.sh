@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one go, under 8 minutes on one H100 (random weights at real sizes):
+#   python -m minti doctor               versions, GPU limits, kernel paths, kernel self-test
 #   bench/attention.py                   minti flash attention vs SDPA, SD 1.5/2.1/XL shapes
 #   bench/memory.py  --memory auto, low  SD 1.5 512², SD 2.1 768² (and SDXL 1024² if time is left)
 #   bench/step.py                        SD 1.5 512², SD 2.1 768²: ms/step vs the diffusers example
@@ -108,6 +109,10 @@ run() {
     echo "--- $name: exit $rc after $((SECONDS - start))s"
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc$([ "$rc" -eq 124 ] && echo ', timed out'))")
 }
+
+# doctor first: versions, the GPU and its limits, which path each op takes, and a self-test
+# of every kernel against the torch path, so a run on a new GPU shows them before any number.
+run doctor 90 0 "$PY" -m minti doctor
 
 # memory.py/step.py print their JSON (--json) and are kept from writing their own files
 # (memory.py names its file by model and resolution only: auto and low would overwrite).

@@ -53,7 +53,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 # ----------------------------------------------------------------------------- torch path
 
-# Upper bound on B*H*rows*Nk score elements held at once by the torch path (64 MiB in fp32).
+# Upper bound on B*H*rows*Nk score elements held at once by the torch path.
 # Tests lower it so the chunk loop runs several times with a ragged tail.
 TORCH_CHUNK_ELEMENTS = 1 << 24
 
@@ -110,6 +110,54 @@ def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+# ----------------------------------------------------------------------------- configs per device
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may time on a GPU, per kernel:
+# "fwd" (_attn_fwd), "bwd_dkdv" (_attn_bwd_dkdv, with or without atomic dQ), "bwd_dq"
+# (_attn_bwd_dq). usable_configs keeps those that fit the running GPU. Each list ends with its
+# smallest config, there so that every head dim keeps one that fits 64 KiB (sm_75) in fp32
+# and does not spill registers on sm_75 (which stages loads through registers: 8 warps
+# spread the 160-wide tiles thinner than 4).
+ATTENTION_CONFIGS = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+            (32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 8, 1)],
+    "bwd_dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+                 (16, 16, 8, 1)],
+    "bwd_dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+               (16, 16, 8, 1)],
+}
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def shared_bytes_estimate(kind: str, config: tuple[int, int, int, int], d: int, dtype: torch.dtype) -> int:
+    """Shared memory a config needs, an upper bound modelled on what Triton allocates: the
+    blocks its software pipeline streams (num_stages copies, plus one where a target without
+    asynchronous copies stages them through registers), the tiles loaded once, and the layout
+    conversions of the tiles that feed a second dot. bench/compile_targets.py checks it
+    against the compiled kernels on every target."""
+    block_m, block_n, _warps, stages = config
+    width = sum(_head_pieces(d))
+    e = _element_bytes(dtype)
+    if kind == "fwd":  # K and V streamed; Q loaded once; P re-laid out for P V
+        return (stages + 1) * 2 * block_n * width * e + block_m * width * e + block_m * block_n * e
+    if kind == "bwd_dq":  # K and V streamed; Q and dO loaded once; dS re-laid out for dS K
+        return (stages + 1) * 2 * block_n * width * e + 2 * block_m * width * e + block_m * block_n * e
+    # bwd_dkdv: Q and dO streamed; K and V loaded once; P^T and dS^T re-laid out for dV and dK
+    return (stages + 1) * 2 * block_m * width * e + 2 * block_n * width * e + 2 * block_m * block_n * e
+
+
+def usable_configs(kind: str, d: int, dtype: torch.dtype, limits: "_k.DeviceLimits") -> list[tuple[int, int, int, int]]:
+    """The configs of ATTENTION_CONFIGS[kind] the autotuner may try on a device with these
+    limits at head dim d: those whose shared memory fits. A pure function, tested with
+    made-up devices; empty where Triton cannot run in dtype at all."""
+    if not _k.dtype_supported(dtype, limits):
+        return []
+    return [c for c in ATTENTION_CONFIGS[kind] if shared_bytes_estimate(kind, c, d, dtype) <= limits.shared_bytes]
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
@@ -143,6 +191,21 @@ if triton is not None:
     def _atomic_add_tile(base, x, rows, row_ok, s_row, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
         cols = COL0 + tl.arange(0, WIDTH)
         tl.atomic_add(base + rows[:, None] * s_row + cols[None, :], x, mask=row_ok[:, None] & (cols[None, :] < D))
+
+    @triton.jit
+    def _head_bases(Q, K, V, X, H, sqb, sqh, skb, skh, svb, svh, sxb, sxh):
+        """Pointers to this program's (batch, head) slice of q, k, v and a fourth [B,H,N,D]
+        tensor (O in the forward, dO in the backward); program_id(1) is batch * H + head."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        return Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, X + b * sxb + h * sxh
+
+    @triton.jit
+    def _block_rows(BLOCK: tl.constexpr, N):
+        """Row indices of this program's block (program_id 0) and which are < N."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        return offs, offs < N
 
     # The head dim is covered by one or two power-of-two pieces (tl.arange and tl.dot need
     # powers of two): D_LO columns, then D_HI more when D_HI > 0. D = 80 is 64 + 16 instead of
@@ -189,20 +252,15 @@ if triton is not None:
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m, m_ok = _block_rows(BLOCK_M, Nq)
         offs_n = tl.arange(0, BLOCK_N)
-        m_ok = offs_m < Nq
-        q_base = Q + b * sqb + h * sqh
+        q_base, k_base, v_base, o_base = _head_bases(Q, K, V, O, H, sqb, sqh, skb, skh, svb, svh, sob, soh)
         q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
         acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
         q_hi, acc_hi = q_lo, acc_lo  # placeholders, unused unless D_HI > 0
         if D_HI > 0:
             q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
             acc_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
         qk_scale = scale * 1.4426950408889634  # work in base 2: exp2 is the fast instruction
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -220,7 +278,6 @@ if triton is not None:
             acc_lo, acc_hi, m_i, l_i = _fwd_block(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, k_base, v_base, skn, skd,
                                                   svn, svd, start_n, offs_m, offs_n, Nk, qk_scale,
                                                   D, D_LO, D_HI, True, CAUSAL, PRECISION)
-        o_base = O + b * sob + h * soh
         o_ptrs = o_base + offs_m[:, None] * som
         cols = tl.arange(0, D_LO)
         tl.store(o_ptrs + cols[None, :] * sod, (acc_lo / l_i[:, None]).to(O.dtype.element_ty),
@@ -263,14 +320,8 @@ if triton is not None:
         without, _attn_bwd_dq computes dQ in a second pass."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Nk
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdb + h * sdh
+        offs_n, n_ok = _block_rows(BLOCK_N, Nk)
+        q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, H, sqb, sqh, skb, skh, svb, svh, sdb, sdh)
         k_lo = _tile(k_base, offs_n, n_ok, skn, skd, 0, D_LO, D, True)
         v_lo = _tile(v_base, offs_n, n_ok, svn, svd, 0, D_LO, D, True)
         dk_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
@@ -337,14 +388,8 @@ if triton is not None:
         """One program per query block: loop over every key block it sees."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Nq
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdb + h * sdh
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
+        offs_m, m_ok = _block_rows(BLOCK_M, Nq)
+        q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, H, sqb, sqh, skb, skh, svb, svh, sdb, sdh)
         q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
         do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
         dq_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
@@ -384,29 +429,29 @@ if triton is not None:
         if D_HI > 0:
             _store_tile(dq_base, dq_hi * scale, offs_m, m_ok, D, D_LO, D_HI, D)
 
-    # On a GPU, pick block sizes per (Nq, Nk, D, D_LO) (the autotuner also keys on dtypes).
-    # Wide head tiles (256 columns) need smaller blocks or they run out of shared memory and
-    # registers.
-    def _configs(pairs):
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+    def _pruner(kind: str):
+        """The autotuner's early prune: keep the configs of kind that fit the running GPU
+        (usable_configs), before any is compiled or timed."""
+        def prune(configs, named_args, **kwargs):
+            q, d = named_args["Q"], kwargs.get("D", named_args.get("D"))
+            limits = _k.device_limits(q.device)
+            if limits is None:
+                return configs
+            usable = set(usable_configs(kind, d, q.dtype, limits))
+            return [c for c in configs if _config_tuple(c) in usable]
+        return prune
 
-    def _prune(configs, named_args, **kwargs):
-        width = kwargs.get("D_LO", named_args.get("D_LO", 64)) + kwargs.get("D_HI", named_args.get("D_HI", 0))
-        if width >= 256:
-            return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
-        return configs
-
-    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
-    _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)])
+    def _config_tuple(c) -> tuple[int, int, int, int]:
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
     def _time_for_tuning(kernel_call, quantiles=(0.5, 0.2, 0.8), **_) -> list[float]:
-        """The autotuner's timer: triton.testing.do_bench without its 256 MB L2-flush buffer.
+        """The autotuner's timer: triton.testing.do_bench without its L2-flush buffer.
 
         Tuning runs inside the first training step, in the middle of the backward, where
-        that buffer would sit on top of every saved activation: 0.24 GiB (256e6 bytes) past
-        the peak the memory plans budget for (the SD 1.5 target is 2.5 GiB). Without the flush every
-        config is timed with the same warm L2, which keeps their ranking. Returns the
-        requested quantiles of the per-run times in ms, as do_bench does.
+        that buffer would sit on top of every saved activation, past the peak the memory
+        plans budget for (sizes in bench/RESULTS.md). Without the flush every config is
+        timed with the same warm L2, which keeps their ranking. Returns the requested
+        quantiles of the per-run times in ms, as do_bench does.
         """
         kernel_call()
         torch.cuda.synchronize()
@@ -427,9 +472,11 @@ if triton is not None:
         times = sorted(start.elapsed_time(end) for start, end in runs)
         return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
 
-    def _autotune(configs, extra_key=(), **options):
+    def _autotune(kind: str, extra_key=(), **options):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in ATTENTION_CONFIGS[kind]]
         options.update(key=["Nq", "Nk", "D", "D_LO", *extra_key],  # D_LO: split and padded tiles tune apart
-                       prune_configs_by={"early_config_prune": _prune})
+                       prune_configs_by={"early_config_prune": _pruner(kind)})
         accepted = inspect.signature(triton.autotune).parameters  # both are newer than Triton 3.0
         if "do_bench" in accepted:
             options["do_bench"] = _time_for_tuning
@@ -437,10 +484,10 @@ if triton is not None:
             options["cache_results"] = True
         return triton.autotune(configs, **options)
 
-    _attn_fwd_tuned = _autotune(_FWD_CONFIGS)(_attn_fwd)
+    _attn_fwd_tuned = _autotune("fwd")(_attn_fwd)
     # Each timed run adds into DQ: the autotuner zeroes it before every run and once after.
-    _attn_bwd_dkdv_tuned = _autotune(_BWD_CONFIGS, ["DQ_ATOMIC"], reset_to_zero=["DQ"])(_attn_bwd_dkdv)
-    _attn_bwd_dq_tuned = _autotune(_BWD_CONFIGS)(_attn_bwd_dq)
+    _attn_bwd_dkdv_tuned = _autotune("bwd_dkdv", ["DQ_ATOMIC"], reset_to_zero=["DQ"])(_attn_bwd_dkdv)
+    _attn_bwd_dq_tuned = _autotune("bwd_dq")(_attn_bwd_dq)
 
 # The interpreter runs every config it is given, so it gets fixed small blocks instead.
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
@@ -512,8 +559,8 @@ def _query_splits(q: torch.Tensor, nk: int) -> int:
     It runs one program per head and key block: B*H*ceil(Nk/64), which for cross-attention
     to 77 text tokens is 2 per head, 16 for SD 1.5 on a GPU with 100+ SMs. Splitting the
     query range gives about two programs per SM; each range keeps at least 256 query rows
-    (at 64^2, 16 ranges: 256 programs), and its partial dK/dV (fp32, 3 MiB in all for SD
-    1.5's 64^2 cross-attention) is summed afterwards.
+    (at 64^2, 16 ranges: 256 programs), and its partial dK/dV (fp32, sizes in
+    bench/RESULTS.md) is summed afterwards.
     """
     b, h, nq = q.shape[:3]
     wanted = triton.cdiv(2 * _sm_count(q.device), b * h * triton.cdiv(nk, 64))
@@ -596,7 +643,8 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_triton(backend, q):
-        return _triton_fwd(q, k, v, causal, scale)
+        return _k.with_fallback("attention", lambda: _triton_fwd(q, k, v, causal, scale),
+                                lambda: _torch_fwd(q, k, v, causal, scale))
     return _torch_fwd(q, k, v, causal, scale)
 
 
@@ -610,17 +658,17 @@ def _(q, k, v, causal, scale, backend):
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, scale: float,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(backend, q):
-        return _triton_bwd(do, q, k, v, o, lse, causal, scale)
-    return _torch_bwd(do, q, k, v, o, lse, causal, scale)
+    args = (do, q, k, v, o, lse, causal, scale)
+    if _use_triton(backend, q):  # the torch backward takes the Triton forward's lse as it is
+        return _k.with_fallback("attention", lambda: _triton_bwd(*args), lambda: _torch_bwd(*args))
+    return _torch_bwd(*args)
 
 
 @_flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, scale, backend):
     # Both paths return contiguous gradients, whatever the inputs' strides. Not modelled:
     # the Triton backward's transient fp32 buffers (dQ for the atomics, partial dK/dV for
-    # split query ranges): at most 17.5 MiB per call at the SD 1.5/2.1/XL shapes of
-    # bench/attention.py on a 132-SM GPU (SD 1.5 32^2 self-attention, 3 ranges).
+    # split query ranges), small next to the activations (their sizes: bench/RESULTS.md).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -60,25 +60,27 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if triton is not None:
     @triton.jit
-    def _geglu_fwd(X, OUT, n_out, F_half, stride_row, BLOCK: tl.constexpr):
-        """Elementwise over the [R, F] output; row r of x holds a at [0, F), gate at [F, 2F)."""
+    def _load_halves(X, n_out, F_half, stride_row, BLOCK: tl.constexpr):
+        """This program's BLOCK elements of the [R, F] output: their flat offsets, mask, row
+        and column, and a and gate from x (row r holds a at [0, F), gate at [F, 2F)), fp32."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_out
         row = offs // F_half
         col = offs % F_half
         a = tl.load(X + row * stride_row + col, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(X + row * stride_row + F_half + col, mask=mask, other=0.0).to(tl.float32)
+        return offs, mask, row, col, a, g
+
+    @triton.jit
+    def _geglu_fwd(X, OUT, n_out, F_half, stride_row, BLOCK: tl.constexpr):
+        """Elementwise over the [R, F] output."""
+        offs, mask, row, col, a, g = _load_halves(X, n_out, F_half, stride_row, BLOCK)
         gelu = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
         tl.store(OUT + offs, (a * gelu).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _geglu_bwd(X, DOUT, DX, n_out, F_half, stride_row, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_out
-        row = offs // F_half
-        col = offs % F_half
-        a = tl.load(X + row * stride_row + col, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(X + row * stride_row + F_half + col, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, row, col, a, g = _load_halves(X, n_out, F_half, stride_row, BLOCK)
         do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
@@ -93,8 +95,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+CUDA_BLOCK = 1024  # elements per program on a GPU (bench/compile_targets.py compiles this)
+
+
 def _block(x: torch.Tensor) -> int:
-    return 1024 if (x.is_cuda and not _INTERPRET) else 4096  # the interpreter likes big blocks
+    return CUDA_BLOCK if (x.is_cuda and not _INTERPRET) else 4096  # the interpreter likes big blocks
 
 
 def _triton_fwd(x: torch.Tensor) -> torch.Tensor:
@@ -127,14 +132,19 @@ class _GEGLU(torch.autograd.Function):
         ctx.use_triton = use_triton
         if x.is_meta:  # memory tracing: allocate what the fused kernel allocates, no temporaries
             return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-        return _triton_fwd(x) if use_triton else _torch_fwd(x)
+        if use_triton:
+            return _k.with_fallback("geglu", lambda: _triton_fwd(x), lambda: _torch_fwd(x))
+        return _torch_fwd(x)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         (x,) = ctx.saved_tensors
         if x.is_meta:
             return torch.empty_like(x), None
-        dx = _triton_bwd(x, dout) if ctx.use_triton else _torch_bwd(x, dout)
+        if ctx.use_triton:
+            dx = _k.with_fallback("geglu", lambda: _triton_bwd(x, dout), lambda: _torch_bwd(x, dout))
+        else:
+            dx = _torch_bwd(x, dout)
         return dx, None
 
 

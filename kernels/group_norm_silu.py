@@ -185,8 +185,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(n)  # tl.arange needs a power of two
 
 
+CUDA_CHUNK = 2048  # elements per program on a GPU (bench/compile_targets.py compiles this)
+
+
 def _chunk(x: torch.Tensor) -> int:
-    return 2048 if (x.is_cuda and not _INTERPRET) else 1024
+    return CUDA_CHUNK if (x.is_cuda and not _INTERPRET) else 1024
 
 
 def _triton_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
@@ -238,8 +241,13 @@ def _meta_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float, silu: bool, use_triton: bool):
-        fwd = _meta_fwd if x.is_meta else _triton_fwd if use_triton else _torch_fwd
-        out, mean, rstd = fwd(x, weight, bias, groups, eps, silu)
+        args = (x, weight, bias, groups, eps, silu)
+        if x.is_meta:
+            out, mean, rstd = _meta_fwd(*args)
+        elif use_triton:
+            out, mean, rstd = _k.with_fallback("group_norm_silu", lambda: _triton_fwd(*args), lambda: _torch_fwd(*args))
+        else:
+            out, mean, rstd = _torch_fwd(*args)
         ctx.save_for_backward(x, weight, bias, mean, rstd)  # x + two [B, G] fp32 tensors
         ctx.groups, ctx.silu, ctx.use_triton = groups, silu, use_triton
         return out
@@ -247,8 +255,13 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        bwd = _meta_bwd if x.is_meta else _triton_bwd if ctx.use_triton else _torch_bwd
-        dx = bwd(dout, x, weight, bias, mean, rstd, ctx.groups, ctx.silu)
+        args = (dout, x, weight, bias, mean, rstd, ctx.groups, ctx.silu)
+        if x.is_meta:
+            dx = _meta_bwd(*args)
+        elif ctx.use_triton:
+            dx = _k.with_fallback("group_norm_silu", lambda: _triton_bwd(*args), lambda: _torch_bwd(*args))
+        else:
+            dx = _torch_bwd(*args)
         # Frozen affine parameters: no weight/bias gradient by design (see module docstring).
         return dx, None, None, None, None, None, None
 

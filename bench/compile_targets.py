@@ -1,0 +1,326 @@
+"""Compile every Triton kernel for every GPU generation people train on, without a GPU.
+
+For each target (sm_75 ... sm_120), dtype (fp16, bf16 where the target has it, fp32) and
+launch site of the SD 1.5 / 2.1 / XL UNet and text encoders (attention, GroupNorm+SiLU,
+GEGLU), every config the launcher or the autotuner can pick on that target (the config
+lists after minti.kernels' per-device pruning) is compiled ahead of time with
+triton.compile(..., target=GPUTarget("cuda", cc, 32)); the cubin's registers and spill
+stack come from cuobjdump (shipped inside the triton wheel), its shared memory from the
+compiled metadata, and both are checked against the target's per-block limit.
+
+    python bench/compile_targets.py                      # the full sweep, the table on stdout
+    python bench/compile_targets.py --targets sm_75 --dtypes float16 --kernels attention
+    python bench/compile_targets.py --all-configs        # also the configs pruning removes
+
+Exit 1 when a selectable config fails to compile, needs more shared memory than its
+target has, or spills; or when a launch site has no selectable config at all.
+Compiles are deduplicated (the same constexprs, argument types and alignment give the
+same binary), and serial: the cost is the CPU's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not the interpreter's
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+
+import minti.kernels as kernels  # noqa: E402
+
+fa = importlib.import_module("minti.kernels.flash_attention")
+gn = importlib.import_module("minti.kernels.group_norm_silu")
+gg = importlib.import_module("minti.kernels.geglu")
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+# ----------------------------------------------------------------------------- launch sites
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSite:
+    model: str
+    nq: int
+    nk: int
+    heads: int
+    d: int
+    causal: bool = False
+
+
+def attention_sites() -> list[AttentionSite]:
+    """Self- and cross-attention (77 text tokens) at every UNet level with attention, the
+    middle block's self-attention, and the text encoders' causal attention."""
+    sites = []
+    # model -> (latent side, heads, head dim) of each attention level, the middle block last
+    unets = {"SD 1.5 512": [(64, 8, 40), (32, 8, 80), (16, 8, 160), (8, 8, 160)],
+             "SD 2.1 768": [(96, 5, 64), (48, 10, 64), (24, 20, 64), (12, 20, 64)],
+             "SDXL 1024": [(64, 10, 64), (32, 20, 64), (32, 20, 64)]}
+    for model, levels in unets.items():
+        for side, heads, d in levels:
+            sites += [AttentionSite(model, side * side, side * side, heads, d),
+                      AttentionSite(model, side * side, 77, heads, d)]
+    for model, heads in [("CLIP-L", 12), ("OpenCLIP-H", 16), ("OpenCLIP-bigG", 20)]:
+        sites.append(AttentionSite(model, 77, 77, heads, 64, causal=True))
+    return list(dict.fromkeys(sites))
+
+
+def norm_sizes() -> list[tuple[str, int, int, int]]:
+    """(model, channels, groups, spatial elements) of the UNet and VAE GroupNorms."""
+    sizes = []
+    for model, side, widths in [("SD 1.5 512", 64, (320, 640, 1280, 1280)), ("SD 2.1 768", 96, (320, 640, 1280, 1280)),
+                                ("SDXL 1024", 128, (320, 640, 1280))]:
+        sizes += [(model, c, 32, (side >> i) ** 2) for i, c in enumerate(widths)]
+        sizes.append((f"VAE {model.split()[-1]}", 128, 32, (side * 8) ** 2))  # the encoder's first level
+    return sizes
+
+
+def geglu_sizes() -> list[tuple[str, int, int]]:
+    """(model, rows, 2F) of the feed-forward GEGLU inputs (F = 4C)."""
+    sizes = []
+    for model, side, widths in [("SD 1.5 512", 64, (320, 640, 1280)), ("SD 2.1 768", 96, (320, 640, 1280)),
+                                ("SDXL 1024", 128, (640, 1280))]:
+        first = 0 if model != "SDXL 1024" else 1
+        sizes += [(model, (side >> (first + i)) ** 2, 8 * c) for i, c in enumerate(widths)]
+    return sizes
+
+
+# ----------------------------------------------------------------------------- one compile
+
+@dataclasses.dataclass
+class Result:
+    ok: bool
+    shared: int = 0
+    regs: int = 0
+    spill: int = 0  # bytes of per-thread stack / local memory
+    error: str = ""
+
+
+def _specialize(fn, args: dict):
+    """signature, constexprs and alignment attributes as the launcher would build them."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = args[name]
+        if fn.params[i].is_constexpr:
+            signature[name], constexprs[(i,)] = "constexpr", value
+            continue
+        ty, desc = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":  # integers equal to 1 are specialised away
+            constexprs[(i,)] = value
+        elif isinstance(desc, str):
+            attrs[(i,)] = BaseBackend.parse_attr(desc)
+    return signature, constexprs, attrs
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = spill = 0
+    for field in text.split():
+        key, _, value = field.partition(":")
+        if key == "REG":
+            regs = max(regs, int(value))
+        elif key in ("STACK", "LOCAL"):
+            spill = max(spill, int(value))
+    return regs, spill
+
+
+_CACHE: dict = {}
+
+
+def compile_one(fn, args: dict, cc: int, num_warps: int, num_stages: int) -> Result:
+    signature, constexprs, attrs = _specialize(fn, args)
+    key = (fn.__name__, cc, num_warps, num_stages, tuple(sorted(signature.items())),
+           tuple(sorted(constexprs.items())), tuple(sorted((k, str(v)) for k, v in attrs.items())))
+    if key not in _CACHE:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                      options={"num_warps": num_warps, "num_stages": num_stages})
+            regs, spill = _resources(compiled.asm["cubin"])
+            _CACHE[key] = Result(True, compiled.metadata.shared, regs, spill)
+        except Exception as e:  # a compile error is a finding, not a crash of the sweep
+            _CACHE[key] = Result(False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- kernels' launches
+
+def _tensor(dtype):
+    return torch.empty(16, dtype=dtype)  # only dtype and 16-byte alignment matter here
+
+
+def attention_launches(site: AttentionSite, dtype: torch.dtype):
+    """(kernel name, JIT function, arguments without blocks, config kind) of one attention call."""
+    t, f32 = _tensor(dtype), _tensor(torch.float32)
+    h, nq, nk, d = site.heads, site.nq, site.nk, site.d
+    # The models hand q/k/v over as [B, N, H, D] viewed as [B, H, N, D].
+    sq = dict(zip(("b", "h", "m", "d"), (nq * h * d, d, h * d, 1)))
+    sk = dict(zip(("b", "h", "m", "d"), (nk * h * d, d, h * d, 1)))
+    pieces = dict(D=d, **fa._pieces_kwargs(d), CAUSAL=site.causal, PRECISION=fa._precision(dtype))
+    strides = dict(sqb=sq["b"], sqh=sq["h"], sqm=sq["m"], sqd=1, skb=sk["b"], skh=sk["h"], skn=sk["m"], skd=1,
+                   svb=sk["b"], svh=sk["h"], svn=sk["m"], svd=1)
+    fwd = dict(Q=t, K=t, V=t, O=t, LSE=f32, **strides, sob=nq * h * d, soh=nq * d, som=d, sod=1,
+               H=h, Nq=nq, Nk=nk, scale=d ** -0.5, **pieces)
+    bwd = dict(Q=t, K=t, V=t, DO=t, LSE=f32, DELTA=f32, **strides, sdb=nq * h * d, sdh=nq * d, sdm=d, sdd=1,
+               H=h, Nq=nq, Nk=nk, scale=d ** -0.5, **pieces)
+    yield "attn_fwd", fa._attn_fwd, fwd, "fwd"
+    for atomic in (True, False):
+        split_out = _tensor(torch.float32)
+        args = dict(bwd, DK=split_out, DV=split_out, DQ=f32 if atomic else t, SPLITS=2, DQ_ATOMIC=atomic)
+        yield f"attn_bwd_dkdv{'' if atomic else '_2pass'}", fa._attn_bwd_dkdv, args, "bwd_dkdv"
+    yield "attn_bwd_dq_2pass", fa._attn_bwd_dq, dict(bwd, DQ=t), "bwd_dq"
+
+
+def shape_classes(sites: list[AttentionSite]) -> list[AttentionSite]:
+    """One site per (head dim, causal, self or cross): what the test suite's subset compiles."""
+    return list({(s.d, s.causal, s.nk == 77): s for s in sites}.values())
+
+
+def attention_rows(targets, dtypes, all_configs: bool, head_dims=None, one_per_class: bool = False,
+                   smallest_only: bool = False):
+    sites = [s for s in attention_sites() if head_dims is None or s.d in head_dims]
+    sites = shape_classes(sites) if one_per_class else sites
+    for target, limits in targets.items():
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            if not kernels.dtype_supported(dtype, limits):
+                continue
+            for site in sites:
+                for name, fn, args, kind in attention_launches(site, dtype):
+                    configs = fa.ATTENTION_CONFIGS[kind] if all_configs else fa.usable_configs(kind, site.d, dtype, limits)
+                    configs = configs[-1:] if smallest_only else configs  # the lists end with their smallest
+                    estimates = [fa.shared_bytes_estimate(kind, c, site.d, dtype) for c in configs]
+                    yield (target, dtype_name, name, f"{site.model} {site.nq}x{site.nk} d{site.d}", fn, args,
+                           list(zip(configs, estimates)))
+
+
+def small_kernel_rows(targets, dtypes, one_size: bool = False):
+    """GroupNorm+SiLU and GEGLU: fixed blocks, Triton's default 4 warps and 3 stages."""
+    for target, limits in targets.items():
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            if not kernels.dtype_supported(dtype, limits):
+                continue
+            t, f32 = _tensor(dtype), _tensor(torch.float32)
+            chunk = gn.CUDA_CHUNK
+            for model, c, g, s in norm_sizes()[-1:] if one_size else norm_sizes():
+                m = c // g * s
+                n_chunks = triton.cdiv(m, chunk)
+                shape = f"{model} C{c} {int(s ** 0.5)}^2"
+                common = dict(M=m, S=s, C=c, G=g, CHUNK=chunk)
+                launches = [
+                    ("gn_stats", gn._gn_stats, dict(X=t, COUNT=f32, MEAN=f32, M2=f32, M=m, n_chunks=n_chunks, CHUNK=chunk)),
+                    ("gn_merge", gn._gn_merge, dict(COUNT=f32, CMEAN=f32, M2=f32, MEAN=f32, RSTD=f32, M=m,
+                                                    n_chunks=n_chunks, eps=1e-5, N_CHUNKS=triton.next_power_of_2(n_chunks))),
+                    ("gn_fwd", gn._gn_fwd, dict(X=t, W=t, B=t, MEAN=f32, RSTD=f32, OUT=t, SILU=True, **common)),
+                    ("gn_bwd_sums", gn._gn_bwd_sums, dict(X=t, DOUT=t, W=t, B=t, MEAN=f32, RSTD=f32, SUM1=f32, SUM2=f32,
+                                                          n_chunks=n_chunks, SILU=True, **common)),
+                    ("gn_bwd_merge", gn._gn_bwd_merge, dict(SUM1=f32, SUM2=f32, C1=f32, C2=f32, M=m, n_chunks=n_chunks,
+                                                            N_CHUNKS=triton.next_power_of_2(n_chunks))),
+                    ("gn_bwd_dx", gn._gn_bwd_dx, dict(X=t, DOUT=t, W=t, B=t, MEAN=f32, RSTD=f32, C1=f32, C2=f32, DX=t,
+                                                      SILU=True, **common)),
+                ]
+                for name, fn, args in launches:
+                    yield target, dtype_name, name, shape, fn, args, [((0, 0, 4, 3), None)]
+            for model, rows, width in geglu_sizes()[:1] if one_size else geglu_sizes():
+                f = width // 2
+                args = dict(X=t, OUT=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=gg.CUDA_BLOCK)
+                yield target, dtype_name, "geglu_fwd", f"{model} {rows}x{width}", gg._geglu_fwd, args, [((0, 0, 4, 3), None)]
+                args = dict(X=t, DOUT=t, DX=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=gg.CUDA_BLOCK)
+                yield target, dtype_name, "geglu_bwd", f"{model} {rows}x{width}", gg._geglu_bwd, args, [((0, 0, 4, 3), None)]
+
+
+# ----------------------------------------------------------------------------- sweep and report
+
+def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: bool = False, head_dims=None,
+          one_per_class: bool = False, smallest_only: bool = False, one_size: bool = False):
+    """Per (target, dtype, kernel): counts, worst shared / registers / spill, and the failures."""
+    rows = []
+    if "attention" in kernel_names:
+        rows += list(attention_rows(targets, dtypes, all_configs, head_dims, one_per_class, smallest_only))
+    if "small" in kernel_names:
+        rows += list(small_kernel_rows(targets, dtypes, one_size))
+    stats = defaultdict(lambda: dict(configs=0, failed=0, over=0, spilled=0, shared=0, regs=0, spill=0))
+    problems = []
+    for target, dtype_name, name, shape, fn, args, configs in rows:
+        limits = kernels.TARGET_LIMITS[target]
+        s = stats[(target, dtype_name, name)]
+        if not configs:
+            problems.append(f"{target} {dtype_name} {name} {shape}: no selectable config")
+        for (block_m, block_n, warps, stages), estimate in configs:
+            blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n} if block_m else {}
+            r = compile_one(fn, {**args, **blocks}, limits.capability[0] * 10 + limits.capability[1], warps, stages)
+            s["configs"] += 1
+            where = f"{target} {dtype_name} {name} {shape} {block_m}x{block_n} w{warps} s{stages}"
+            if not r.ok:
+                s["failed"] += 1
+                problems.append(f"{where}: compile failed: {r.error}")
+                continue
+            s["shared"], s["regs"], s["spill"] = max(s["shared"], r.shared), max(s["regs"], r.regs), max(s["spill"], r.spill)
+            if r.shared > limits.shared_bytes:
+                s["over"] += 1
+                problems.append(f"{where}: shared {r.shared} > {limits.shared_bytes}")
+            if estimate is not None and r.shared > estimate:  # pruning trusts the estimate
+                problems.append(f"{where}: shared {r.shared} above the pruning estimate {estimate}")
+            if r.spill:
+                s["spilled"] += 1
+                problems.append(f"{where}: spills {r.spill} bytes per thread")
+            if verbose:
+                print(f"{where}: shared {r.shared}, regs {r.regs}, spill {r.spill}", flush=True)
+    return stats, problems
+
+
+def table(stats) -> str:
+    lines = ["| target | dtype | kernel | configs | failed | over shared limit | spill | max shared (limit) | max regs | max spill B |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (target, dtype_name, name), s in sorted(stats.items()):
+        limit = kernels.TARGET_LIMITS[target].shared_bytes
+        lines.append(f"| {target} | {dtype_name} | {name} | {s['configs']} | {s['failed']} | {s['over']} | {s['spilled']} | "
+                     f"{s['shared'] // 1024} KiB ({limit // 1024}) | {s['regs']} | {s['spill']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default=",".join(kernels.TARGET_LIMITS), help="comma-separated, e.g. sm_75,sm_86")
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--kernels", default="attention,small", help="attention, small (GroupNorm+SiLU and GEGLU)")
+    p.add_argument("--all-configs", action="store_true", help="compile every listed config, not only the selectable")
+    p.add_argument("--verbose", action="store_true", help="one line per compile")
+    p.add_argument("--head-dims", help="attention head dims only, e.g. 160 or 40,80")
+    p.add_argument("--one-per-class", action="store_true",
+                   help="one attention site per (head dim, causal, self/cross) instead of every site")
+    p.add_argument("--smallest-only", action="store_true",
+                   help="only the smallest selectable attention config per site (the one every device keeps)")
+    p.add_argument("--one-size", action="store_true", help="GroupNorm+SiLU and GEGLU at one size each")
+    args = p.parse_args(argv)
+    targets = {t: kernels.TARGET_LIMITS[t] for t in args.targets.split(",")}
+    head_dims = {int(d) for d in args.head_dims.split(",")} if args.head_dims else None
+    start = time.time()
+    stats, problems = sweep(targets, args.dtypes.split(","), args.kernels.split(","), args.all_configs, args.verbose,
+                            head_dims, args.one_per_class, args.smallest_only, args.one_size)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, {len(_CACHE)} distinct compiles in "
+          f"{time.time() - start:.0f} s")
+    print(table(stats))
+    for line in problems:
+        print("PROBLEM", line)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

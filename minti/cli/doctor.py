@@ -1,0 +1,163 @@
+"""`python -m minti doctor [--model PATH] [--resolution R]`: what minti will do on this machine.
+
+Versions, the GPU and its limits, which path (Triton kernel or torch) each hot op takes and
+why, a self-test of each Triton kernel's forward and backward against the torch path at the
+model's shapes, and with --model the modelled peak memory of each plan against the free
+VRAM. The output is meant to be pasted into a bug report as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import subprocess
+import time
+
+import torch
+
+# family -> attention shapes of its UNet's first attention level and its text encoder:
+# (heads, head dim at that level, latent downsampling of that level), text (heads, head dim)
+_FAMILY_SHAPES = {
+    "sd1": dict(level=(8, 40, 1), deep=(8, 160, 4), text=(12, 64), channels=320),
+    "sd2": dict(level=(5, 64, 1), deep=(20, 64, 4), text=(16, 64), channels=320),
+    "sdxl": dict(level=(10, 64, 2), deep=(20, 64, 4), text=(20, 64), channels=640),
+}
+SELF_TEST_TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a checkpoint: also test at its shapes and model its memory plans")
+    parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the family's)")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="the dtype training would use (default float16)")
+
+
+def _versions() -> list[str]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed (the torch path is used)"
+    driver = "none"
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return [f"python      {platform.python_version()} ({platform.system()} {platform.machine()})",
+            f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+            f"triton      {triton_version}",
+            f"driver      {driver}"]
+
+
+def _gpu(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return ["gpu         no CUDA device: minti runs on the CPU with the torch path (slow, for tests)"]
+    props = torch.cuda.get_device_properties(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return [f"gpu         {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs",
+            f"memory      {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB",
+            f"shared mem  {props.shared_memory_per_block_optin // 1024} KiB per block (opt-in)"]
+
+
+def _max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def _self_test_cases(family: str, resolution: int, device: torch.device, dtype: torch.dtype):
+    """(name, function of backend -> output, inputs that get gradients) at the model's shapes."""
+    kernels = importlib.import_module("minti.kernels")
+    shapes = _FAMILY_SHAPES[family]
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+    side = resolution // 8
+    cases = []
+    for heads, d, down in (shapes["level"], shapes["deep"]):
+        n = (side // down) ** 2
+        q, kv = rand(1, heads, n, d), rand(1, heads, n, d)
+        cases.append((f"attention {n}x{n} d{d}", lambda b, q=q, kv=kv: kernels.flash_attention(q, kv, kv, backend=b), [q, kv]))
+        ctx = rand(1, heads, 77, d)
+        cases.append((f"attention {n}x77 d{d}", lambda b, q=q, c=ctx: kernels.flash_attention(q, c, c, backend=b), [q, ctx]))
+    heads, d = shapes["text"]
+    t = rand(1, heads, 77, d)
+    cases.append((f"attention causal 77 d{d}", lambda b: kernels.flash_attention(t, t, t, causal=True, backend=b), [t]))
+    c = shapes["channels"]
+    x, w, bias = rand(1, c, side, side), torch.ones(c, device=device, dtype=dtype), torch.zeros(c, device=device, dtype=dtype)
+    cases.append((f"group_norm_silu {c}x{side}^2", lambda b: kernels.group_norm_silu(x, w, bias, 32, 1e-5, backend=b), [x]))
+    h = rand(1, (side // shapes["level"][2]) ** 2, 8 * c)
+    cases.append((f"geglu {h.shape[1]}x{8 * c}", lambda b: kernels.geglu(h, backend=b), [h]))
+    return cases
+
+
+def _self_test(family: str, resolution: int, device: torch.device, dtype: torch.dtype) -> tuple[list[str], bool]:
+    kernels = importlib.import_module("minti.kernels")
+    reason = kernels.triton_unusable_reason(device, dtype)
+    if reason is not None:
+        return [f"self-test   skipped: the Triton kernels do not run here ({reason})"], True
+    lines, ok = [], True
+    for name, call, leaves in _self_test_cases(family, resolution, device, dtype):
+        start = time.perf_counter()
+        results = []
+        for backend in ("torch", "triton"):
+            for leaf in leaves:
+                leaf.grad = None
+            out = call(backend)
+            out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+            results.append([out.detach()] + [leaf.grad.clone() for leaf in leaves])
+        torch.cuda.synchronize(device)
+        err = max(_max_rel_err(got, want) for got, want in zip(results[1], results[0]))
+        passed = err <= SELF_TEST_TOL[dtype]
+        ok &= passed
+        lines.append(f"self-test   {name:<28} fwd+bwd max rel err {err:.1e}  {'pass' if passed else 'FAIL'}"
+                     f"  ({time.perf_counter() - start:.1f} s)")
+    return lines, ok
+
+
+def _memory_plans(path: str, resolution: int, device: torch.device, dtype: torch.dtype) -> tuple[list[str], str]:
+    from minti.loading.pipeline import load
+    from minti.training import memory
+
+    sd = load(path, dtype=dtype, device="meta")
+    resolution = resolution or _default_resolution(sd.family)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    weights = memory._weight_bytes(sd)
+    lines = [f"model       {path}: {sd.family}, {sd.prediction}, {resolution}px, batch 1"]
+    peaks = {}
+    for plan in ("fast", "low"):
+        peaks[plan] = memory.estimate_step_bytes(sd, resolution, 1, checkpointing=plan == "low")
+        fits = "" if free is None else (" fits" if peaks[plan] * memory.MARGIN <= free else " does NOT fit")
+        lines.append(f"plan {plan:<6} modelled peak {peaks[plan] / 2**30:.2f} GiB{fits}"
+                     + ("" if free is None else f" in {free / 2**30:.2f} GiB free (x{memory.MARGIN} margin)"))
+    if free is None:
+        auto = "fast (on the CPU auto always takes fast)"
+    else:  # as memory._choose decides once the weights are loaded: activations against what is left
+        auto = "fast" if (peaks["fast"] - weights) * memory.MARGIN <= free - weights else "low"
+    lines.append(f"plan auto   would choose {auto}")
+    return lines, sd.family
+
+
+def _default_resolution(family: str) -> int:
+    return {"sd1": 512, "sd2": 768, "sdxl": 1024}.get(family, 512)
+
+
+def run(args: argparse.Namespace) -> int:
+    kernels = importlib.import_module("minti.kernels")
+    dtype = getattr(torch, args.dtype)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    lines = ["minti doctor (paste all of this into a bug report)"] + _versions() + _gpu(device)
+    lines.append("backends    " + kernels.describe_backends(device, dtype))
+    family = "sd1"
+    if args.model:
+        plan_lines, family = _memory_plans(args.model, args.resolution, device, dtype)
+        lines += plan_lines
+    print("\n".join(lines), flush=True)
+    resolution = args.resolution or _default_resolution(family)
+    test_lines, ok = _self_test(family, resolution, device, dtype)
+    print("\n".join(test_lines))
+    return 0 if ok else 1

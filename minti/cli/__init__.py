@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "train": ("train a textual-inversion embedding", "minti.cli.train"),
     "sample": ("generate images with an embedding", "minti.cli.sample"),
     "inspect": ("describe a checkpoint: family, prediction type, dtype, parameters", "minti.cli.inspect"),
+    "doctor": ("check this machine: versions, GPU, which kernels run, a kernel self-test, memory plans",
+               "minti.cli.doctor"),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# "auto": Triton on CUDA, torch elsewhere; "torch" / "triton" force one path (tests use this).
+# "auto": Triton on CUDA sm_75+ (bf16 on sm_80+), torch elsewhere; "torch" / "triton" force one path (tests use this).
 BACKEND = "auto"
 
 

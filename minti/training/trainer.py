@@ -201,6 +201,17 @@ def _validate(config: TrainConfig) -> None:
         raise UserError(f"unknown preview sampler {config.preview_sampler!r}: use {' or '.join(sampling.SAMPLERS)}")
 
 
+def kernels_in_use(sd) -> str:
+    """One line: which path (Triton kernel or torch) each hot op takes on this run, and why."""
+    from minti.models import ops
+
+    try:
+        import minti.kernels as kernels
+    except ImportError:
+        return "kernels: minti.kernels is not importable; every op takes the torch path"
+    return kernels.describe_backends(sd.device, sd.dtype, ops.BACKEND)
+
+
 def _freeze(sd) -> None:
     # minti.load returns frozen modules; make sure, since a stray requires_grad would make
     # autograd keep a gradient the size of the whole model.
@@ -432,6 +443,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
     preview_prompt = _preview_prompt(config, data.templates)
+    log.info(kernels_in_use(sd))  # the input is valid: say how the step will run
     vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
                        short_hash, _checkpoint_name(sd.source))
     optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,

@@ -84,7 +84,7 @@ def make_state_dict(family: str, seed: int = 0, ema: bool = False, position_ids:
     """fp32 single-file state dict (real key names, narrow shapes, random weights).
 
     ema: add model_ema.* (LitEma: dots removed) with DIFFERENT values, plus decay/num_updates.
-    position_ids: "int" (as real files), "float" (as some merges), None (dropped).
+    position_ids: "int" (as real files), "float" (as some merges), "flat" (no batch dimension), None (dropped).
     legacy_clip_names: CLIP-L keys without `text_model.` (very old transformers).
     ddpm_buffers: the 12 schedule buffers (default: as the real file, i.e. sd1/sd2 only)."""
     gen = torch.Generator().manual_seed(seed)
@@ -100,6 +100,8 @@ def make_state_dict(family: str, seed: int = 0, ema: bool = False, position_ids:
             del out[k]
         elif position_ids == "float":
             out[k] = out[k].float()
+        elif position_ids == "flat":
+            out[k] = out[k].flatten()
     if legacy_clip_names:
         for pre in [p for part, p in prefixes.items() if part.startswith("text") and p.endswith("transformer.")]:
             for k in [k for k in out if k.startswith(pre + "text_model.")]:

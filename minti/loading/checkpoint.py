@@ -1,7 +1,8 @@
 """Reading Stable Diffusion checkpoints: which file is this, which family, and where is each weight.
 
 Three inputs, one key space. Everything downstream sees single-file key names
-(`model.diffusion_model.…`, `first_stage_model.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`):
+(`model.diffusion_model.…`, `first_stage_model.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`;
+each family's prefixes and diffusers folders are in minti.loading.families):
 
     .safetensors   safetensors.safe_open: header read at open, tensors memory-mapped one by one
     .ckpt / .pt    torch.load(weights_only=True, mmap=True): a pickle that would run code is refused

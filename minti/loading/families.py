@@ -51,7 +51,7 @@ class Part:
         return self.preset.layout if isinstance(self.preset, TextEncoderConfig) else None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class Family:
     name: str
     parts: dict[str, Part]  # "unet", "vae", "text"[, "text_2"]; text encoders in conditioning order

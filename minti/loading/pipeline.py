@@ -85,10 +85,9 @@ def _match(ckpt: Checkpoint, part: str, module: nn.Module) -> list[str]:
     for name in [n for n in available if n not in keys and n.endswith(UNUSED_SUFFIXES)]:
         ckpt.mark_unused(part, name)
     for name, src in available.items():
-        want, got = tuple(params[name].shape) if name in params else None, ckpt.shapes[src]
-        if want is not None and want != got:
-            raise CheckpointError(ckpt.path, f"{src!r} has shape {list(got)}, the {ckpt.family} {part} "
-                                  f"inferred from the other keys needs {list(want)}")
+        if name in params and tuple(params[name].shape) != ckpt.shapes[src]:
+            raise CheckpointError(ckpt.path, f"{src!r} has shape {list(ckpt.shapes[src])}, the {ckpt.family} "
+                                  f"{part} inferred from the other keys needs {list(params[name].shape)}")
     probe = {name: torch.empty(ckpt.shapes[src], dtype=ckpt.dtypes[src], device="meta")
              for name, src in available.items()}
     try:
@@ -301,13 +300,13 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
                 what = {"vae": "VAE (first_stage_model.*)", "unet": "UNet"}.get(part, "text encoder")
                 raise CheckpointError(ckpt.path, f"has no {what} weights; load it with components= without "
                                       f"{'text' if part.startswith('text') else part!r}, or use a full checkpoint")
-            configs[part] = cfg = family.config(part, ckpt.part_shapes(part), ckpt.format)
             try:
+                configs[part] = cfg = family.config(part, ckpt.part_shapes(part), ckpt.format)
                 with torch.device("meta"):
                     module = _build(part, cfg)
             except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
-                what = f"{part} shapes do not form a valid {family.name} model ({e})"
-                raise CheckpointError(ckpt.path, what) from None
+                message = f"{part} shapes do not form a valid {family.name} model ({e})"
+                raise CheckpointError(ckpt.path, message) from None
             _fill(ckpt, part, module, family.part_dtype(part, dtype), device)
             modules[part] = module.eval().requires_grad_(False)
         # everything under the part prefixes that no module took is ignored too (other parts, when

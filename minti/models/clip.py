@@ -141,6 +141,11 @@ def eos_positions(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), tokens.argmax(dim=1))
 
 
+# per layout, one block's (first norm, attention, second norm, MLP, MLP in, MLP out) key names
+BLOCK_NAMES = {"hf": ("layer_norm1", "self_attn", "layer_norm2", "mlp", "fc1", "fc2"),
+               "openclip": ("ln_1", "attn", "ln_2", "mlp", "c_fc", "c_proj")}
+
+
 class MLP(nn.Module):
     """Linear, activation, linear. The two linears are registered under the tower's checkpoint
     names: CLIP-L's fc1/fc2, OpenCLIP's c_fc/c_proj."""
@@ -173,11 +178,6 @@ class ResidualBlock(nn.Module):
         norm1, attn, norm2, mlp = (getattr(self, name) for name in self.names[:4])
         x = x + attn(norm1(x))
         return x + mlp(norm2(x))
-
-
-# per layout, one block's (first norm, attention, second norm, MLP, MLP in, MLP out) key names
-BLOCK_NAMES = {"hf": ("layer_norm1", "self_attn", "layer_norm2", "mlp", "fc1", "fc2"),
-               "openclip": ("ln_1", "attn", "ln_2", "mlp", "c_fc", "c_proj")}
 
 
 # ---- CLIP-L, transformers layout -------------------------------------------------------------

@@ -95,6 +95,13 @@ def test_a_tensor_of_another_shape_is_a_one_line_error_naming_it(key, shape, nam
     assert str(e.value).startswith("model.safetensors: ") and "\n" not in str(e.value)
 
 
+def test_a_part_missing_a_tensor_its_config_is_read_from_is_a_one_line_error():
+    shapes = read_layout("sd15")
+    del shapes["model.diffusion_model.out.2.weight"]  # out_channels comes from it
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unet shapes do not form a valid sd1 model"):
+        from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+
+
 def test_a_stray_unknown_key_inside_a_part_is_an_error():
     shapes = {**read_layout("sd15"), "first_stage_model.encoder.extra.weight": (4,)}
     with pytest.raises(CheckpointError, match="unexpected"):

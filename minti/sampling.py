@@ -108,12 +108,10 @@ def latent_shape(sd, height: int, width: int) -> tuple[int, int, int]:
 
 
 def default_size(sd) -> int:
-    """The resolution each family was trained at (SD 2.x v models at 768)."""
-    if sd.family == "sdxl":
-        return 1024
-    if sd.family == "sd2" and sd.prediction == "v":
-        return 768
-    return 512
+    """The resolution sd's family was trained at (SD 2.x v models at 768): the family table's."""
+    from minti.loading.families import FAMILIES
+
+    return FAMILIES[sd.family].default_size(sd.prediction)
 
 
 @torch.no_grad()

@@ -13,8 +13,9 @@ and the real 49408-token vocabulary, so the real tokenizer works. Weights are ra
 deterministic (seed), scaled so activations stay O(1) through the deep stacks.
 
 Narrow ≠ real in widths only: head counts follow minti's rule for narrow models (SD 1.x 8 heads;
-SD 2.x/XL and CLIP towers min(64, width)-wide heads), context = text width (SDXL: 32 + 32 = 64),
-SDXL adm = 32 pooled + 6 x 256 = 1568.
+SD 2.x/XL and CLIP towers min(64, width)-wide heads; minti.loading.families), context = text width
+(SDXL: 32 + 32 = 64), SDXL adm = 32 pooled + 6 x 256 = 1568. narrow_configs spells out the configs
+the loader must infer (tests/loading/test_families.py holds it to that).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minti.loading.checkpoint import PREFIXES
+from minti.loading.families import FAMILIES
 from minti.models.clip import TextEncoderConfig, build_text_encoder
 from minti.models.unet import UNet, UNetConfig
 from minti.models.vae import AutoencoderKL, VAEConfig
@@ -49,12 +50,12 @@ def narrow_configs(family: str) -> dict[str, object]:
                                     use_linear_proj=True, upcast_attention=True),
                     vae=VAEConfig(ch=W, ch_mult=(1, 2, 3, 3)),
                     text=TextEncoderConfig(layout="openclip", width=W, layers=24, heads=1, activation="gelu",
-                                           projection_dim=W, layer="penultimate", pad_token_id=0))
+                                           projection_dim=W, layer="penultimate", pad_token_id=0, pooled=False))
     if family == "sdxl":
         return dict(unet=UNetConfig(model_channels=W, channel_mult=(1, 2, 3), transformer_depth=(0, 2, 10),
                                     transformer_depth_middle=10, head_dim=W, context_dim=2 * W,
                                     use_linear_proj=True, adm_in_channels=W + 6 * 256),
-                    vae=VAEConfig(ch=W, ch_mult=(1, 2, 3, 3), scaling_factor=0.13025),
+                    vae=VAEConfig(ch=W, ch_mult=(1, 2, 3, 3)),
                     text=TextEncoderConfig(width=W, heads=1, layer="penultimate", final_norm=False),
                     text_2=TextEncoderConfig(layout="openclip", width=W, layers=32, heads=1, activation="gelu",
                                              projection_dim=W, layer="penultimate", final_norm=False,
@@ -83,12 +84,12 @@ def make_state_dict(family: str, seed: int = 0, ema: bool = False, position_ids:
     """fp32 single-file state dict (real key names, narrow shapes, random weights).
 
     ema: add model_ema.* (LitEma: dots removed) with DIFFERENT values, plus decay/num_updates.
-    position_ids: "int" (as real files), "float" (as some merges), None (dropped).
+    position_ids: "int" (as real files), "float" (as some merges), "flat" (no batch dimension), None (dropped).
     legacy_clip_names: CLIP-L keys without `text_model.` (very old transformers).
     ddpm_buffers: the 12 schedule buffers (default: as the real file, i.e. sd1/sd2 only)."""
     gen = torch.Generator().manual_seed(seed)
     cfgs = narrow_configs(family)
-    prefixes = PREFIXES[family]
+    prefixes = {part: spec.prefix for part, spec in FAMILIES[family].parts.items()}
     out: dict[str, torch.Tensor] = {}
     for part, cfg in cfgs.items():
         module = UNet(cfg) if part == "unet" else AutoencoderKL(cfg) if part == "vae" else build_text_encoder(cfg)
@@ -99,6 +100,8 @@ def make_state_dict(family: str, seed: int = 0, ema: bool = False, position_ids:
             del out[k]
         elif position_ids == "float":
             out[k] = out[k].float()
+        elif position_ids == "flat":
+            out[k] = out[k].flatten()
     if legacy_clip_names:
         for pre in [p for part, p in prefixes.items() if part.startswith("text") and p.endswith("transformer.")]:
             for k in [k for k in out if k.startswith(pre + "text_model.")]:
@@ -189,7 +192,7 @@ def _diffusers_models(family: str):
     vae_kw = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
                   block_out_channels=tuple(v.ch * m for m in v.ch_mult),
                   down_block_types=("DownEncoderBlock2D",) * len(v.ch_mult),
-                  up_block_types=("UpDecoderBlock2D",) * len(v.ch_mult), scaling_factor=v.scaling_factor)
+                  up_block_types=("UpDecoderBlock2D",) * len(v.ch_mult), scaling_factor=FAMILIES[family].vae_scale)
 
     def clip_cfg(tc: TextEncoderConfig, layers: int) -> CLIPTextConfig:
         return CLIPTextConfig(vocab_size=tc.vocab_size, hidden_size=tc.width, intermediate_size=4 * tc.width,
@@ -261,15 +264,13 @@ def single_file_from_diffusers(folder: Path, path: Path, dtype: torch.dtype = to
     minti.loading.diffusers_keys.to_single_file (names) plus the family's prefixes."""
     from safetensors.torch import load_file
 
-    from minti.loading.checkpoint import TEXT_LAYOUT
     from minti.loading.diffusers_keys import to_single_file
 
     family = "sdxl" if (folder / "text_encoder_2").is_dir() else \
         ("sd2" if json.loads((folder / "unet" / "config.json").read_text())["use_linear_projection"] else "sd1")
     out = {}
-    for part, prefix in PREFIXES[family].items():
-        component = {"unet": "unet", "vae": "vae", "text": "text_encoder", "text_2": "text_encoder_2"}[part]
-        src = load_file(str(next((folder / component).glob("*.safetensors"))))
-        kw = {"layout": TEXT_LAYOUT[(family, part)]} if part.startswith("text") else {}
-        out.update({prefix + k: v for k, v in to_single_file(component, src, **kw).items()})
+    for spec in FAMILIES[family].parts.values():
+        src = load_file(str(next((folder / spec.component).glob("*.safetensors"))))
+        kw = {"layout": spec.layout} if spec.layout else {}
+        out.update({spec.prefix + k: v for k, v in to_single_file(spec.component, src, **kw).items()})
     return write_single_file(path, out, dtype)

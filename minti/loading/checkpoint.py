@@ -1,7 +1,8 @@
 """Reading Stable Diffusion checkpoints: which file is this, which family, and where is each weight.
 
 Three inputs, one key space. Everything downstream sees single-file key names
-(`model.diffusion_model.…`, `first_stage_model.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`):
+(`model.diffusion_model.…`, `first_stage_model.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`;
+each family's prefixes and diffusers folders are in minti.loading.families):
 
     .safetensors   safetensors.safe_open: header read at open, tensors memory-mapped one by one
     .ckpt / .pt    torch.load(weights_only=True, mmap=True): a pickle that would run code is refused
@@ -35,20 +36,8 @@ from typing import Iterable, Iterator
 import torch
 
 from minti.errors import UserError
+from minti.loading.families import FAMILIES, UNET_PREFIX
 
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
-# part name -> single-file prefix, per family. "text" is the first text encoder, "text_2" SDXL's bigG.
-PREFIXES = {
-    "sd1": {"unet": UNET, "vae": VAE, "text": "cond_stage_model.transformer."},
-    "sd2": {"unet": UNET, "vae": VAE, "text": "cond_stage_model.model."},
-    "sdxl": {"unet": UNET, "vae": VAE, "text": "conditioner.embedders.0.transformer.",
-             "text_2": "conditioner.embedders.1.model."},
-}
-# the layout of each text part in minti's modules ("hf" = transformers CLIPTextModel names)
-TEXT_LAYOUT = {("sd1", "text"): "hf", ("sd2", "text"): "openclip",
-               ("sdxl", "text"): "hf", ("sdxl", "text_2"): "openclip"}
-# diffusers folder component for each part
-COMPONENT = {"unet": "unet", "vae": "vae", "text": "text_encoder", "text_2": "text_encoder_2"}
 # keys inside a part that minti's modules may not have and never need: buffers that the
 # reference code recomputes (position ids, the causal mask) and CLIP's contrastive temperature.
 UNUSED_SUFFIXES = ("position_ids", "attn_mask", "logit_scale")
@@ -89,17 +78,18 @@ def detect_family(shapes: dict[str, tuple[int, ...]], path: str | Path) -> str:
     for pattern, what in _FOREIGN:
         if any(re.search(pattern, k) for k in keys):
             raise CheckpointError(path, f"looks like {what}; minti supports SD 1.x, SD 2.x and SDXL base only")
-    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         raise CheckpointError(path, _what_without_unet(keys))
     if conv_in[1] != 4:
         what = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth-conditioned model"}
         raise CheckpointError(path, f"looks like {what.get(conv_in[1], 'a non-txt2img model')} (the UNet takes "
                               f"{conv_in[1]} input channels, not 4); use a txt2img base checkpoint")
-    context = next((s[1] for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
-    proj_in = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith(".proj_in.weight")), None)
-    label = shapes.get(UNET + "label_emb.0.0.weight")
-    downsamples = sum(1 for k in keys if k.startswith(UNET + "input_blocks.") and k.endswith(".op.weight"))
+    unet = [(k, s) for k, s in shapes.items() if k.startswith(UNET_PREFIX)]
+    context = next((s[1] for k, s in unet if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((s for k, s in unet if k.endswith(".proj_in.weight")), None)
+    label = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
+    downsamples = sum(1 for k in keys if k.startswith(UNET_PREFIX + "input_blocks.") and k.endswith(".op.weight"))
     if label is not None:
         if context == 1280 or label[1] == 2560 or downsamples != 2:
             raise CheckpointError(path, "looks like the SDXL refiner (label_emb with 4 UNet levels, context 1280); "
@@ -111,8 +101,8 @@ def detect_family(shapes: dict[str, tuple[int, ...]], path: str | Path) -> str:
         family = "sd2" if len(proj_in) == 2 else "sd1"
     # a file whose text encoder belongs to the other family is a broken merge, not a model
     other = {"sd1": "sd2", "sd2": "sd1"}.get(family)
-    if other and any(k.startswith(PREFIXES[other]["text"]) for k in keys) \
-            and not any(k.startswith(PREFIXES[family]["text"]) for k in keys):
+    if other and any(k.startswith(FAMILIES[other].parts["text"].prefix) for k in keys) \
+            and not any(k.startswith(FAMILIES[family].parts["text"].prefix) for k in keys):
         raise CheckpointError(path, f"mixes an {family} UNet with an {other} text encoder; not a standard checkpoint")
     return family
 
@@ -142,7 +132,7 @@ def guess_prediction(family: str, keys: Iterable[str], name: str) -> str:
     """'eps' or 'v' from what a file can tell; only SD 2.x ships both (2.x-base eps, 2.x-768 v)."""
     if any(k == "v_pred" for k in keys):
         return "v"
-    if family != "sd2":
+    if FAMILIES[family].v_size is None:
         return "eps"
     return "v" if _V_NAME.search(Path(name).stem) else "eps"
 
@@ -288,7 +278,8 @@ def assign_parts(ckpt: Checkpoint, ema: bool = False) -> Checkpoint:
     this on the real layouts' manifests)."""
     path = ckpt.path
     ckpt.family = detect_family(ckpt.shapes, path)
-    prefixes = PREFIXES[ckpt.family]
+    family = FAMILIES[ckpt.family]
+    prefixes = {part: spec.prefix for part, spec in family.parts.items()}
     parts: dict[str, dict[str, str]] = {p: {} for p in prefixes}
     for key in ckpt.shapes:
         part = next((p for p, pre in prefixes.items() if key.startswith(pre)), None)
@@ -296,7 +287,7 @@ def assign_parts(ckpt: Checkpoint, ema: bool = False) -> Checkpoint:
             ckpt.ignored.append(key)  # DDPM buffers, model_ema.*, logvar, denoiser.sigmas, v_pred, …
             continue
         name = key[len(prefixes[part]):]
-        if TEXT_LAYOUT.get((ckpt.family, part)) == "hf" and not name.startswith("text_model."):
+        if family.parts[part].layout == "hf" and not name.startswith("text_model."):
             name = "text_model." + name  # transformers < 4.x saved CLIP-L without the text_model. level
         parts[part][name] = key
     if ema:
@@ -373,16 +364,16 @@ class _DiffusersReader:
     def read(self, ckpt: Checkpoint, part, names, dtype, device):
         # Renaming may merge tensors (q/k/v -> in_proj), so a component is converted as a whole:
         # every tensor is read and cast one at a time, then renamed; peak = one component in `dtype`.
-        component = COMPONENT[part]
+        spec = FAMILIES[ckpt.family].parts[part]
+        component = spec.component
         src = {}
         for k, reader in self.sources[component].items():
             t = reader.tensor(k) if isinstance(reader, _SafetensorsReader) else reader.tensors[k]
             src[k] = _convert(t, dtype, "cpu")
         converted = self.convert(component, src)
         del src
-        prefix = PREFIXES[ckpt.family][part]
         for name in names:
-            t = converted.pop(ckpt.parts[part][name][len(prefix):])
+            t = converted.pop(ckpt.parts[part][name][len(spec.prefix):])
             yield name, t.to(device)
 
     def close(self):
@@ -410,21 +401,19 @@ def _open_diffusers(root: Path, prefer_half: bool) -> Checkpoint:
             shapes[prefix + k] = tuple(t.shape)
             dtypes[prefix + k] = t.dtype
 
-    add("unet", UNET)
+    add("unet", UNET_PREFIX)
     family = detect_family(shapes, root)
     text_components = [c for c in ("text_encoder", "text_encoder_2") if (root / c).is_dir()]
     if family == "sdxl" and text_components != ["text_encoder", "text_encoder_2"]:
         raise CheckpointError(root, "has an SDXL UNet but not both text_encoder/ and text_encoder_2/ "
                               "(the refiner has only one); use the SDXL base pipeline")
-    parts_of = {"unet": UNET}
-    if (root / "vae").is_dir():
-        add("vae", VAE)
-        parts_of["vae"] = VAE
-    for part, prefix in PREFIXES[family].items():
-        if part.startswith("text") and (root / COMPONENT[part]).is_dir():
-            reader.layouts[COMPONENT[part]] = TEXT_LAYOUT[(family, part)]
-            add(COMPONENT[part], prefix)
-            parts_of[part] = prefix
+    parts_of = {"unet": UNET_PREFIX}
+    for part, spec in FAMILIES[family].parts.items():
+        if part != "unet" and (root / spec.component).is_dir():
+            if spec.layout is not None:
+                reader.layouts[spec.component] = spec.layout
+            add(spec.component, spec.prefix)
+            parts_of[part] = spec.prefix
     ckpt = Checkpoint(root, "diffusers", shapes, dtypes, family=family, _reader=reader)
     ckpt.parts = {p: {k[len(pre):]: k for k in shapes if k.startswith(pre)} for p, pre in parts_of.items()}
     sched = root / "scheduler" / "scheduler_config.json"

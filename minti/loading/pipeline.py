@@ -4,13 +4,14 @@ CONTRACT (the trainer and the CLI build on exactly these names):
 
     sd = minti.load(path, dtype=torch.float16, device="cuda", prediction=None, ema=False,
                     components=("unet", "vae", "text"))
-    sd.family            "sd1" | "sd2" | "sdxl"
+    sd.family            "sd1" | "sd2" | "sdxl"; its facts: minti.loading.families.FAMILIES[sd.family]
     sd.prediction        "eps" | "v";  sd.prediction_guessed: bool
     sd.dtype, sd.device
     sd.unet              minti.models.unet.UNet: sd.unet(z_t, t, context, y=None) -> eps or v
     sd.vae               minti.models.vae.AutoencoderKL (may be None after sd.offload_vae())
-    sd.vae_scale         0.18215 (SD 1/2) or 0.13025 (SDXL)
-    sd.text_encoders     list of text-encoder modules (1, or 2 for SDXL: CLIP-L then bigG)
+    sd.vae_scale         0.18215 (SD 1/2) or 0.13025 (SDXL), from the family table
+    sd.default_size      training/sampling resolution: 512, 768 (SD 2.x v models), 1024 (SDXL)
+    sd.text_encoders     list of minti.models.clip text encoders (1, or 2 for SDXL: CLIP-L then bigG)
     sd.tokenizers        list of minti.loading.tokenizer.Tokenizer, one per text encoder
     sd.embedding_dims    token-embedding width per encoder: [768] | [1024] | [768, 1280]
     sd.source            Path of the checkpoint file or folder
@@ -28,19 +29,21 @@ CONTRACT (the trainer and the CLI build on exactly these names):
     sd.offload_vae() / sd.restore_vae(device)  move the VAE off / back onto the device
     sd.describe() -> dict   family, prediction, prediction_guessed, dtype (the file's), params
                             per part, tokenizers (their source), ignored keys (what `inspect` prints)
+    random_model(family, dtype, device) -> StableDiffusion   real size, random weights, no file
+                                                              (the benchmarks)
 
 Loading never holds two copies of a weight: the modules are built on the `meta` device and each
-tensor is read from the memory-mapped file, cast to `dtype`, moved to `device` and assigned
-(`load_state_dict(assign=True, strict=True)`). device="meta" reads no weights at all (inspect).
-Parameters come back frozen (requires_grad=False) and every module is in eval mode.
+tensor is read from the memory-mapped file (minti.loading.checkpoint), cast to `dtype`, moved to
+`device` and assigned (`load_state_dict(assign=True, strict=True)`). device="meta" reads no weights
+at all (inspect). Parameters come back frozen (requires_grad=False) and every module is in eval mode.
 
-Unit details that the weights cannot tell are set per family (see `_unet_config`,
-`_text_config`): SD 1.x 8 heads, SD 2.x/XL head width 64 (narrower test models: one head of
-the model width), SD 2.x attention upcast, which hidden layer conditions the UNet.
+Each part's config is its shapes (the models' `from_state_dict`) plus what the weights cannot tell,
+from the family table (minti.loading.families): attention heads and upcast, which hidden layer
+conditions the UNet, which parts stay fp32. Keys a file may lack or store differently (CLIP's
+position_ids, OpenCLIP's logit_scale) are the business of the owning module's load hook.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -48,54 +51,13 @@ import torch
 import torch.nn as nn
 
 from minti.loading.checkpoint import UNUSED_SUFFIXES, Checkpoint, CheckpointError, guess_prediction, open_checkpoint
+from minti.loading.families import FAMILIES, Config
 
-VAE_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 PARTS = ("unet", "vae", "text")
-# module keys a file may lack: recomputable buffers and CLIP's unused temperature
-FILLABLE = ("position_ids", "logit_scale")
 _PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
 
 
-# ---- configs from shapes + family ---------------------------------------------------------------
-
-def _unet_config(shapes: dict, family: str):
-    from minti.models.unet import UNetConfig
-
-    cfg = UNetConfig.from_state_dict(shapes)
-    if family == "sd1":  # fixed head count; head width 40/80/160 at full size
-        return dataclasses.replace(cfg, num_heads=8, head_dim=None, upcast_attention=False)
-    # fixed head width 64; a narrower (test) model gets one head of its full width at level 0
-    head_dim = min(64, cfg.model_channels)
-    return dataclasses.replace(cfg, head_dim=head_dim, upcast_attention=family == "sd2")
-
-
-def _vae_config(shapes: dict, family: str):
-    from minti.models.vae import VAEConfig
-
-    return dataclasses.replace(VAEConfig.from_state_dict(shapes), scaling_factor=VAE_SCALE[family])
-
-
-def _text_config(shapes: dict, family: str, part: str, fmt: str):
-    from minti.models import clip
-    from minti.loading.checkpoint import TEXT_LAYOUT
-
-    layout = TEXT_LAYOUT[(family, part)]
-    preset = {("sd1", "text"): clip.CLIP_L_SD1, ("sd2", "text"): clip.OPENCLIP_H_SD2,
-              ("sdxl", "text"): clip.CLIP_L_SDXL, ("sdxl", "text_2"): clip.OPENCLIP_BIGG_SDXL}[(family, part)]
-    cfg = clip.TextEncoderConfig.from_state_dict(shapes, layout)
-    # activation, hidden layer and padding are conventions, not shapes: take them from the preset.
-    # Heads: 64-wide in every CLIP tower (12 / 16 / 20); a narrower test tower gets one head.
-    cfg = dataclasses.replace(cfg, activation=preset.activation, layer=preset.layer, final_norm=preset.final_norm,
-                              pooled=preset.pooled,
-                              pad_token_id=preset.pad_token_id, heads=max(1, cfg.width // 64))
-    if family == "sd2" and fmt == "diffusers":
-        # diffusers ships SD 2.x's OpenCLIP-H with its last block already removed (23 of 24):
-        # its last hidden state is the single file's penultimate one
-        cfg = dataclasses.replace(cfg, layer="last")
-    return cfg
-
-
-def _build(part: str, cfg) -> nn.Module:
+def _build(part: str, cfg: Config) -> nn.Module:
     if part == "unet":
         from minti.models.unet import UNet
 
@@ -111,49 +73,42 @@ def _build(part: str, cfg) -> nn.Module:
 
 # ---- filling a meta module ----------------------------------------------------------------------
 
-def _plan(ckpt: Checkpoint, part: str, module: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Match the module's state-dict keys with the checkpoint's: returns the meta tensors the
-    module expects and the names it must read. Extra keys that minti never needs are reported as
-    ignored; anything else missing, unexpected or of another shape is an error."""
-    expected = module.state_dict()
+def _match(ckpt: Checkpoint, part: str, module: nn.Module) -> list[str]:
+    """The names the meta module must read from the checkpoint. Extra keys that minti never needs
+    are reported as ignored; anything else missing, unexpected or of another shape is an error.
+
+    The key sets are matched by a dry run of the module's own load_state_dict on meta tensors of
+    the file's shapes: the module's load hooks fill and fix what files may lack or store otherwise
+    (CLIP's position_ids, OpenCLIP's logit_scale), and what is still off after them is the file's."""
+    params, keys = dict(module.named_parameters()), set(module.state_dict())
     available = ckpt.parts[part]
-    for name in [n for n in available if n not in expected]:
-        if name.endswith(UNUSED_SUFFIXES):
-            ckpt.mark_unused(part, name)
-    unexpected = [n for n in available if n not in expected]
-    missing = [n for n in expected if n not in available and not n.endswith(FILLABLE)]
+    for name in [n for n in available if n not in keys and n.endswith(UNUSED_SUFFIXES)]:
+        ckpt.mark_unused(part, name)
+    for name, src in available.items():
+        if name in params and tuple(params[name].shape) != ckpt.shapes[src]:
+            raise CheckpointError(ckpt.path, f"{src!r} has shape {list(ckpt.shapes[src])}, the {ckpt.family} "
+                                  f"{part} inferred from the other keys needs {list(params[name].shape)}")
+    probe = {name: torch.empty(ckpt.shapes[src], dtype=ckpt.dtypes[src], device="meta")
+             for name, src in available.items()}
+    try:
+        result = module.load_state_dict(probe, strict=False)  # meta into meta: copies nothing
+    except RuntimeError as e:  # a buffer of a shape its module's hook cannot fix
+        raise CheckpointError(ckpt.path, f"{part} weights do not match the {ckpt.family} layout: "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+    missing, unexpected = result.missing_keys, result.unexpected_keys
     if unexpected or missing:
         detail = (f"{len(missing)} missing (e.g. {missing[0]!r})" if missing else "") + \
                  (", " if missing and unexpected else "") + \
                  (f"{len(unexpected)} unexpected (e.g. {available[unexpected[0]]!r})" if unexpected else "")
         raise CheckpointError(ckpt.path, f"{part} weights do not match the {ckpt.family} layout: {detail}")
-    for name, src in available.items():
-        want, got = tuple(expected[name].shape), ckpt.shapes[src]
-        if want != got and not name.endswith("position_ids"):
-            raise CheckpointError(ckpt.path, f"{src!r} has shape {list(got)}, the {ckpt.family} {part} "
-                                  f"inferred from the other keys needs {list(want)}")
-    return expected, list(available)
+    return list(available)
 
 
 def _fill(ckpt: Checkpoint, part: str, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    expected, names = _plan(ckpt, part, module)
+    names = _match(ckpt, part, module)
     if device.type == "meta":
         return
-    state: dict[str, torch.Tensor] = {}
-    for name, t in ckpt.read(part, names, dtype, device):
-        want = expected[name]
-        if not want.is_floating_point():  # position_ids: int64 buffer; some files store floats
-            t = t.round().to(want.dtype) if t.is_floating_point() else t.to(want.dtype)
-            t = t.reshape(want.shape)
-        state[name] = t
-    for name, want in expected.items():
-        if name in state:
-            continue
-        if name.endswith("position_ids"):  # dropped by newer exporters: they are just 0..76
-            state[name] = torch.arange(want.shape[-1], device=device).expand(want.shape).to(want.dtype).clone()
-        else:  # logit_scale (diffusers never exports it; unused for text): open_clip's initial value
-            state[name] = torch.full(want.shape, math.log(1 / 0.07), device=device, dtype=dtype)
-    module.load_state_dict(state, strict=True, assign=True)
+    module.load_state_dict(dict(ckpt.read(part, names, dtype, device)), strict=True, assign=True)
     leftover = [n for n, b in module.named_buffers() if b.is_meta]
     if leftover:  # a non-persistent buffer cannot come from the file; the module must not need one
         raise RuntimeError(f"minti bug: {type(module).__name__} buffer {leftover[0]!r} is not in its state dict "
@@ -175,7 +130,7 @@ class StableDiffusion:
         self.unet = unet
         self.vae = vae
         self._vae_home = vae  # the VAE while offloaded (sd.vae is None then)
-        self.vae_scale = VAE_SCALE[family]
+        self.vae_scale = FAMILIES[family].vae_scale
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.source = ckpt.path
@@ -183,6 +138,11 @@ class StableDiffusion:
         self.format = ckpt.format
         self.ignored_keys = list(ckpt.ignored)
         self._n_extra = 0  # placeholder ids handed out so far (they start at vocab_size)
+
+    @property
+    def default_size(self) -> int:
+        """The resolution the family's models of this prediction type were trained at."""
+        return FAMILIES[self.family].default_size(self.prediction)
 
     # -- text ---------------------------------------------------------------------------------------
     @property
@@ -331,32 +291,23 @@ def load(path: str | Path, dtype: torch.dtype | None = torch.float16, device: to
 def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device,
                     prediction: str | None = None, components: tuple[str, ...] = PARTS) -> StableDiffusion:
     """Build the models of an opened checkpoint (device "meta": from its shapes alone) and close it."""
+    family = FAMILIES[ckpt.family]
     try:
         dtype = dtype if dtype is not None else ckpt.dtype
-        family = ckpt.family
-        wanted = [p for p in ckpt_parts(family) if (p if not p.startswith("text") else "text") in components]
-        for part in wanted:
+        modules, configs = {}, {}
+        for part in [p for p in family.parts if ("text" if p.startswith("text") else p) in components]:
             if part not in ckpt.parts:
                 what = {"vae": "VAE (first_stage_model.*)", "unet": "UNet"}.get(part, "text encoder")
                 raise CheckpointError(ckpt.path, f"has no {what} weights; load it with components= without "
                                       f"{'text' if part.startswith('text') else part!r}, or use a full checkpoint")
-        modules: dict[str, nn.Module] = {}
-        configs = {}
-        for part in wanted:
-            shapes = ckpt.part_shapes(part)
-            if part == "unet":
-                cfg = _unet_config(shapes, family)
-            elif part == "vae":
-                cfg = _vae_config(shapes, family)
-            else:
-                cfg = _text_config(shapes, family, part, ckpt.format)
-            configs[part] = cfg
             try:
+                configs[part] = cfg = family.config(part, ckpt.part_shapes(part), ckpt.format)
                 with torch.device("meta"):
                     module = _build(part, cfg)
             except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
-                raise CheckpointError(ckpt.path, f"{part} shapes do not form a valid {family} model ({e})") from None
-            _fill(ckpt, part, module, _part_dtype(part, family, dtype), device)
+                message = f"{part} shapes do not form a valid {family.name} model ({e})"
+                raise CheckpointError(ckpt.path, message) from None
+            _fill(ckpt, part, module, family.part_dtype(part, dtype), device)
             modules[part] = module.eval().requires_grad_(False)
         # everything under the part prefixes that no module took is ignored too (other parts, when
         # components= skips them)
@@ -370,66 +321,38 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
         pred, guessed = _PREDICTIONS[prediction], False
     elif ckpt.prediction is not None:  # v_pred marker key, diffusers scheduler_config.json
         pred, guessed = ckpt.prediction, False
-    else:
-        # SD 1.x and SDXL base are eps models; only SD 2.x comes in both, and only by name
-        pred, guessed = guess_prediction(family, ckpt.shapes, ckpt.path.name), family == "sd2"
-    text_parts = [p for p in ("text", "text_2") if p in modules]
+    else:  # only a family with both kinds of release has to guess, and only from the name
+        pred, guessed = guess_prediction(family.name, ckpt.shapes, ckpt.path.name), family.v_size is not None
+    text_parts = [p for p in family.text_parts if p in modules]
     return StableDiffusion(
-        ckpt, family, pred, guessed, dtype, device, modules.get("unet"), modules.get("vae"),
+        ckpt, family.name, pred, guessed, dtype, device, modules.get("unet"), modules.get("vae"),
         [modules[p] for p in text_parts], _tokenizers(ckpt, [configs[p] for p in text_parts]))
-
-
-def _part_dtype(part: str, family: str, dtype: torch.dtype) -> torch.dtype:
-    """SDXL's VAE overflows in fp16 (NaN latents and images; diffusers upcasts it too): keep it
-    in fp32. It encodes the training images once and then leaves the device, so this costs
-    no training memory."""
-    if part == "vae" and family == "sdxl" and dtype == torch.float16:
-        return torch.float32
-    return dtype
-
-
-def ckpt_parts(family: str) -> list[str]:
-    from minti.loading.checkpoint import PREFIXES
-
-    return list(PREFIXES[family])
 
 
 # ---- real-size models without a checkpoint (benchmarks) ----------------------------------------
 
-_PRESETS = {  # family -> (unet, vae, text encoders) preset names
-    "sd1": ("SD1", "SD", ("CLIP_L_SD1",)),
-    "sd2": ("SD2", "SD", ("OPENCLIP_H_SD2",)),
-    "sdxl": ("SDXL", "SDXL", ("CLIP_L_SDXL", "OPENCLIP_BIGG_SDXL")),
-}
-
-
 def random_model(family: str, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
                  prediction: str | None = None, seed: int = 0) -> StableDiffusion:
-    """A real-size model of `family` with random weights and no file: what the benchmarks run
-    (memory and speed do not depend on the values). device="meta" allocates nothing."""
+    """A real-size model of `family` (the table's presets) with random weights and no file: what
+    the benchmarks run (memory and speed do not depend on the values). device="meta" allocates
+    nothing. Without `prediction`, a family that ships v models (SD 2.x) gets v."""
     from types import SimpleNamespace
 
-    from minti.models import clip
-    from minti.models import unet
-    from minti.models import vae
-
-    unet_name, vae_name, text_names = _PRESETS[family]
-    configs = {"unet": getattr(unet, unet_name), "vae": getattr(vae, vae_name)}
-    configs.update({f"text{'_2' if i else ''}": getattr(clip, n) for i, n in enumerate(text_names)})
+    spec = FAMILIES[family]
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     modules = {}
-    for part, cfg in configs.items():
+    for part, p in spec.parts.items():
         with torch.device("meta"):
-            module = _build(part, cfg)
+            module = _build(part, p.preset)
         if device.type != "meta":
             module = module.to_empty(device=device)
             _random_init(module, generator)
         modules[part] = module.to(dtype).eval().requires_grad_(False)
     fake = SimpleNamespace(path=Path(f"<random {family}>"), dtype=dtype, format="random", ignored=[])
-    text = [modules[p] for p in ("text", "text_2") if p in modules]
+    text = [modules[p] for p in spec.text_parts]
     tokenizers = [_openclip_tokenizer(enc.cfg.pad_token_id) for enc in text]
-    pred = prediction or ("v" if family == "sd2" else "eps")
+    pred = prediction or ("v" if spec.v_size else "eps")
     return StableDiffusion(fake, family, pred, prediction is None, dtype, device, modules["unet"], modules["vae"],
                            text, tokenizers)
 

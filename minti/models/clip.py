@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -47,10 +47,12 @@ class TextEncoderConfig:
         return self.mlp_width or 4 * self.width
 
     @classmethod
-    def from_state_dict(cls, shapes: dict, layout: str, **overrides) -> TextEncoderConfig:
-        """Architecture from the key names and shapes of a stripped state dict (minti's names,
-        i.e. after text_encoder_from_diffusers for a diffusers folder). `shapes` maps keys to
-        shapes or tensors. `layer`/`final_norm` are the family's choice: pass them as overrides."""
+    def from_state_dict(cls, shapes: dict, layout: str) -> TextEncoderConfig:
+        """What the key names and shapes of a stripped state dict (minti's names, i.e. after
+        text_encoder_from_diffusers for a diffusers folder) determine: vocabulary, width, depth,
+        length, MLP width and projection. `shapes` maps keys to shapes or tensors. Heads,
+        activation, padding and which hidden state conditions the UNet keep their defaults: the
+        family table (minti.loading.families) sets them."""
         shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
         if layout == "hf":
             p = "text_model."
@@ -58,23 +60,21 @@ class TextEncoderConfig:
             max_length = shape[p + "embeddings.position_embedding.weight"][0]
             block = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
             mlp_width = shape[p + "encoder.layers.0.mlp.fc1.weight"][0]
-            projection_dim, activation, pad = None, "quick_gelu", 49407
+            projection_dim = None
         elif layout == "openclip":
             vocab, width = shape["token_embedding.weight"]
             max_length = shape["positional_embedding"][0]
             block = re.compile(r"transformer\.resblocks\.(\d+)\.")
             mlp_width = shape["transformer.resblocks.0.mlp.c_fc.weight"][0]
             projection_dim = shape["text_projection"][1] if "text_projection" in shape else None
-            activation, pad = "gelu", 0
         else:
             raise ValueError(f"unknown text encoder layout {layout!r}: use 'hf' or 'openclip'")
         layers = 1 + max(int(m.group(1)) for k in shape if (m := block.match(k)))
-        cfg = cls(layout=layout, vocab_size=vocab, width=width, layers=layers, heads=width // 64,
-                  max_length=max_length, activation=activation, projection_dim=projection_dim,
-                  pad_token_id=pad, mlp_width=None if mlp_width == 4 * width else mlp_width)
-        return replace(cfg, **overrides)
+        return cls(layout=layout, vocab_size=vocab, width=width, layers=layers, max_length=max_length,
+                   projection_dim=projection_dim, mlp_width=None if mlp_width == 4 * width else mlp_width)
 
 
+# The real-size towers, one per text encoder of each family (minti.loading.families refers to them).
 CLIP_L_SD1 = TextEncoderConfig()
 OPENCLIP_H_SD2 = TextEncoderConfig(layout="openclip", width=1024, layers=24, heads=16, activation="gelu",
                                    projection_dim=1024, layer="penultimate", final_norm=True, pad_token_id=0,
@@ -141,6 +141,45 @@ def eos_positions(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), tokens.argmax(dim=1))
 
 
+# per layout, one block's (first norm, attention, second norm, MLP, MLP in, MLP out) key names
+BLOCK_NAMES = {"hf": ("layer_norm1", "self_attn", "layer_norm2", "mlp", "fc1", "fc2"),
+               "openclip": ("ln_1", "attn", "ln_2", "mlp", "c_fc", "c_proj")}
+
+
+class MLP(nn.Module):
+    """Linear, activation, linear. The two linears are registered under the tower's checkpoint
+    names: CLIP-L's fc1/fc2, OpenCLIP's c_fc/c_proj."""
+
+    def __init__(self, cfg: TextEncoderConfig, names: tuple[str, str]):
+        super().__init__()
+        self.names = names
+        self.add_module(names[0], nn.Linear(cfg.width, cfg.hidden))
+        self.add_module(names[1], nn.Linear(cfg.hidden, cfg.width))
+        self.act = _activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = (getattr(self, name) for name in self.names)
+        return down(self.act(up(x)))
+
+
+class ResidualBlock(nn.Module):
+    """The pre-LayerNorm transformer block of both towers: x + attn(norm(x)), then
+    x + mlp(norm(x)). Its parts are registered under the tower's checkpoint names (BLOCK_NAMES)."""
+
+    def __init__(self, cfg: TextEncoderConfig, attention: nn.Module):
+        super().__init__()
+        norm1, attn, norm2, mlp, *mlp_names = self.names = BLOCK_NAMES[cfg.layout]
+        self.add_module(norm1, nn.LayerNorm(cfg.width))
+        self.add_module(attn, attention)
+        self.add_module(norm2, nn.LayerNorm(cfg.width))
+        self.add_module(mlp, MLP(cfg, tuple(mlp_names)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm1, attn, norm2, mlp = (getattr(self, name) for name in self.names[:4])
+        x = x + attn(norm1(x))
+        return x + mlp(norm2(x))
+
+
 # ---- CLIP-L, transformers layout -------------------------------------------------------------
 
 class CLIPEmbeddings(nn.Module):
@@ -156,12 +195,17 @@ class CLIPEmbeddings(nn.Module):
 
     @staticmethod
     def _fix_position_ids(module, state_dict, prefix, *args) -> None:
+        """Files may lack the buffer, store it as float (cast to the load dtype on the way) or
+        without its batch dimension: whatever they hold becomes int64 [1, max_length]."""
         key = prefix + "position_ids"
         ids = state_dict.get(key)
-        if ids is None:  # new transformers / diffusers exports drop it
-            state_dict[key] = torch.arange(module.position_embedding.num_embeddings).unsqueeze(0)
-        elif ids.dtype != torch.long:
-            state_dict[key] = ids.float().round().long()
+        if ids is None:  # new transformers / diffusers exports drop it: it is just 0..L-1
+            like = state_dict.get(prefix + "position_embedding.weight")
+            device = like.device if like is not None else module.position_ids.device
+            ids = torch.arange(module.position_embedding.num_embeddings, device=device)
+        elif ids.is_floating_point():
+            ids = ids.float().round()
+        state_dict[key] = ids.long().reshape(1, -1)
 
     def forward(self, tokens: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return embed_tokens(self.token_embedding, tokens, extra) + self.position_embedding.weight[:tokens.shape[1]]
@@ -181,30 +225,6 @@ class CLIPAttention(nn.Module):
         return self.out_proj(_merge_heads(ops.attention(q, k, v, causal=True)))
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.hidden)
-        self.fc2 = nn.Linear(cfg.hidden, cfg.width)
-        self.act = _activation(cfg.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.width)
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.width)
-        self.mlp = CLIPMLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class CLIPTextModel(nn.Module):
     """CLIP-L text tower; keys `text_model.embeddings.…`, `text_model.encoder.layers.N.…`,
     `text_model.final_layer_norm.…`. Returns (hidden [B,L,width], None): SD never uses its pooled."""
@@ -215,7 +235,8 @@ class CLIPTextModel(nn.Module):
         self.cfg = cfg
         self.text_model = nn.ModuleDict(dict(
             embeddings=CLIPEmbeddings(cfg),
-            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers)))),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(
+                ResidualBlock(cfg, CLIPAttention(cfg)) for _ in range(cfg.layers)))),
             final_layer_norm=nn.LayerNorm(cfg.width),
         ))
 
@@ -256,30 +277,6 @@ class FusedSelfAttention(nn.Module):
         return self.out_proj(_merge_heads(ops.attention(q, k, v, causal=True)))
 
 
-class OpenCLIPMLP(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.width, cfg.hidden)
-        self.c_proj = nn.Linear(cfg.hidden, cfg.width)
-        self.act = _activation(cfg.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width)
-        self.attn = FusedSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.width)
-        self.mlp = OpenCLIPMLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
 class OpenCLIPTextModel(nn.Module):
     """OpenCLIP text tower; keys `token_embedding.weight`, `positional_embedding`,
     `transformer.resblocks.N.…`, `ln_final.…`, `text_projection` (when cfg.projection_dim),
@@ -292,7 +289,7 @@ class OpenCLIPTextModel(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(
-            ResidualAttentionBlock(cfg) for _ in range(cfg.layers))))
+            ResidualBlock(cfg, FusedSelfAttention(cfg)) for _ in range(cfg.layers))))
         self.ln_final = nn.LayerNorm(cfg.width)
         # A diffusers SD 2.x text_encoder is a plain CLIPTextModel: no projection, so the config
         # built from it has projection_dim None and no pooled output (SD 2.x does not use one).
@@ -304,8 +301,12 @@ class OpenCLIPTextModel(nn.Module):
 
     @staticmethod
     def _default_logit_scale(module, state_dict, prefix, *args) -> None:
-        # diffusers exports lack it; fill open_clip's initial value so strict loading works
-        state_dict.setdefault(prefix + "logit_scale", torch.tensor(math.log(1 / 0.07)))
+        # diffusers exports lack it; fill open_clip's initial value (beside the other weights, in
+        # their dtype) so strict loading works
+        if prefix + "logit_scale" not in state_dict:
+            like = state_dict.get(prefix + "token_embedding.weight", module.logit_scale)
+            state_dict[prefix + "logit_scale"] = torch.full((), math.log(1 / 0.07), dtype=like.dtype,
+                                                            device=like.device)
 
     def forward(self, tokens: torch.Tensor, extra_embeddings: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

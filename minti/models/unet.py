@@ -51,9 +51,8 @@ class UNetConfig:
     def from_state_dict(cls, shapes: dict[str, tuple[int, ...]]) -> "UNetConfig":
         """Infer the config from single-file UNet key names (prefix stripped) and shapes.
 
-        Everything is read from shapes except what shapes cannot tell: the attention split
-        (context 768 -> SD 1.x, 8 heads; otherwise head dim 64) and upcasting (on for the
-        1024-wide context of SD 2.x, whose attention overflows in fp16). norm_groups stays 32.
+        Only what shapes determine: the attention split (num_heads / head_dim), upcasting and
+        norm_groups keep their defaults; the family table (minti.loading.families) sets them.
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
         n_inputs = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
@@ -80,12 +79,9 @@ class UNetConfig:
             num_res_blocks=num_res_blocks,
             transformer_depth=tuple(depth(f"input_blocks.{i}.1.transformer_blocks.") for i in first),
             transformer_depth_middle=depth("middle_block.1.transformer_blocks."),
-            num_heads=8,
-            head_dim=None if context_dim == 768 else 64,
             context_dim=context_dim,
             use_linear_proj=proj_in is not None and len(proj_in) == 2,
             adm_in_channels=adm[1] if adm is not None else None,
-            upcast_attention=context_dim == 1024,
         )
 
 

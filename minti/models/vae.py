@@ -2,8 +2,8 @@
 
 Attribute names mirror the single-file keys under `first_stage_model.` (the LDM
 `ldm.modules.diffusionmodules.model` Encoder/Decoder), so a stripped single-file state dict
-loads with strict=True. SD 1.x, SD 2.x and SDXL all share this layout; only the latent
-scaling factor differs, and that is applied by the pipeline, not here.
+loads with strict=True. SD 1.x, SD 2.x and SDXL all share this layout and size; only the latent
+scaling factor differs, and that is a family fact the pipeline applies (minti.loading.families).
 
     encoder: conv_in -> down[i] (ResBlocks, then a stride-2 conv except at the last level)
              -> mid (ResBlock, attention, ResBlock) -> norm_out, SiLU, conv_out -> quant_conv
@@ -32,15 +32,13 @@ class VAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     norm_groups: int = 32
-    scaling_factor: float = 0.18215  # SDXL: 0.13025
 
     @classmethod
     def from_state_dict(cls, shapes: dict[str, tuple]) -> VAEConfig:
         """Infer the architecture from stripped key names (no `first_stage_model.`) and shapes.
 
-        Values may be shapes or tensors. norm_groups and scaling_factor cannot be read from
-        a state dict: they keep their defaults (32 in every SD VAE; the loader sets the
-        scaling factor per family)."""
+        Values may be shapes or tensors. norm_groups cannot be read from a state dict: it keeps
+        its default (32 in every SD VAE)."""
         shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
         try:
             ch, in_channels = shape["encoder.conv_in.weight"][:2]
@@ -59,8 +57,7 @@ class VAEConfig:
                    num_res_blocks=len(blocks))
 
 
-SD = VAEConfig()
-SDXL = VAEConfig(scaling_factor=0.13025)
+SD = VAEConfig()  # every family's VAE: SD 1.x, SD 2.x and SDXL
 
 
 class GroupNorm(nn.Module):

@@ -82,6 +82,26 @@ def test_a_missing_unet_tensor_is_an_error_naming_it():
         from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
 
 
+@pytest.mark.parametrize("key, shape, named", [
+    ("model.diffusion_model.input_blocks.1.0.in_layers.0.weight", (321,), r"'model\.diffusion_model\.input_blocks"
+                                                                         r"\.1\.0\.in_layers\.0\.weight' has shape \[321\]"),
+    # a buffer the module's load hook reshapes ([77] -> [1, 77]) but cannot make 77 long
+    ("cond_stage_model.transformer.text_model.embeddings.position_ids", (1, 76), r"text weights do not match.*position_ids"),
+])
+def test_a_tensor_of_another_shape_is_a_one_line_error_naming_it(key, shape, named):
+    shapes = {**read_layout("sd15"), key: shape}
+    with pytest.raises(CheckpointError, match=named) as e:
+        from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+    assert str(e.value).startswith("model.safetensors: ") and "\n" not in str(e.value)
+
+
+def test_a_part_missing_a_tensor_its_config_is_read_from_is_a_one_line_error():
+    shapes = read_layout("sd15")
+    del shapes["model.diffusion_model.out.2.weight"]  # out_channels comes from it
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unet shapes do not form a valid sd1 model"):
+        from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+
+
 def test_a_stray_unknown_key_inside_a_part_is_an_error():
     shapes = {**read_layout("sd15"), "first_stage_model.encoder.extra.weight": (4,)}
     with pytest.raises(CheckpointError, match="unexpected"):

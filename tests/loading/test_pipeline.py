@@ -95,8 +95,8 @@ def test_ema_true_takes_the_unet_from_model_ema_and_ema_false_ignores_it(tmp_pat
     assert torch.equal(plain.vae.state_dict()["encoder.conv_in.weight"], ema.vae.state_dict()["encoder.conv_in.weight"])
 
 
-@pytest.mark.parametrize("position_ids", ["float", None])
-def test_float_or_missing_position_ids_become_0_to_76(tmp_path, position_ids):
+@pytest.mark.parametrize("position_ids", ["float", "flat", None])
+def test_float_flat_or_missing_position_ids_become_0_to_76(tmp_path, position_ids):
     sd = load32(make_single_file(tmp_path, "sdxl", position_ids=position_ids))
     ids = sd.text_encoders[0].state_dict()["text_model.embeddings.position_ids"]
     assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(77)[None])

@@ -15,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from minti.models import ops
 from minti.models.clip import (CLIP_L_SD1, CLIP_L_SDXL, OPENCLIP_BIGG_SDXL, OPENCLIP_H_SD2, TextEncoderConfig,
                         build_text_encoder, eos_positions)
-from minti.loading.diffusers_keys import text_encoder_from_diffusers, to_single_file
+from minti.loading.diffusers_keys import text_encoder_from_diffusers
 
 V = 49408  # real vocabulary size, so placeholder ids are the real ones (table is 49408 x 64: small)
 MANIFESTS = {
@@ -79,12 +79,25 @@ def test_meta_model_keys_and_shapes_equal_the_checkpoint_manifest(name):
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
-def test_config_inferred_from_manifest_equals_the_preset(name):
+def test_config_inferred_from_manifest_equals_the_preset_in_everything_shapes_determine(name):
     cfg, layout, prefix = MANIFESTS[name]
-    # which state conditions the UNet, and whether the pooled output is used, are conventions
-    inferred = TextEncoderConfig.from_state_dict(read_layout(layout, prefix), cfg.layout,
-                                                 layer=cfg.layer, final_norm=cfg.final_norm, pooled=cfg.pooled)
-    assert inferred == cfg
+    # heads, activation, padding, which state conditions the UNet and whether the pooled output is
+    # used are conventions: the family table's (tests/loading/test_families.py)
+    inferred = TextEncoderConfig.from_state_dict(read_layout(layout, prefix), cfg.layout)
+    assert inferred == with_conventions_of(inferred, cfg)
+
+
+def with_conventions_of(inferred: TextEncoderConfig, preset: TextEncoderConfig) -> TextEncoderConfig:
+    conventions = ("heads", "activation", "layer", "final_norm", "pad_token_id", "eos_token_id", "pooled")
+    return dataclasses.replace(preset, **{f: getattr(inferred, f) for f in conventions})
+
+
+OPENCLIP = dict(activation="gelu", pad_token_id=0)  # what an OpenCLIP tower's shapes cannot tell
+
+
+def config_from(state_dict: dict, layout: str, **conventions) -> TextEncoderConfig:
+    """A test tower's config: its shapes, and the conventions given."""
+    return dataclasses.replace(TextEncoderConfig.from_state_dict(state_dict, layout), **conventions)
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
@@ -95,63 +108,10 @@ def test_manifest_loads_strictly_into_the_meta_model(name):
     model.load_state_dict(meta_tensors(read_layout(layout, prefix)), strict=True, assign=True)
 
 
-@pytest.mark.parametrize("manifest", ["sd15_diffusers", "sd15_diffusers_legacy_names"])
-def test_diffusers_clip_l_names_map_to_the_single_file_names(manifest):
-    diffusers = read_layout(manifest, component="text_encoder")
-    mapped = shapes(to_single_file("text_encoder", meta_tensors(diffusers), layout="hf"))
-    single = read_layout("sd15", "cond_stage_model.transformer.")
-    # new transformers exports drop position_ids; the module's load hook recreates it
-    if "embeddings.position_ids" not in diffusers and "text_model.embeddings.position_ids" not in diffusers:
-        single.pop("text_model.embeddings.position_ids")
-    assert mapped == single
-    with torch.device("meta"):
-        model = build_text_encoder(CLIP_L_SD1)
-    model.load_state_dict(meta_tensors(mapped), strict=True, assign=True)
-    ids = model.text_model.embeddings.position_ids  # recreated, or the (float meta) one made int64
-    assert ids.dtype == torch.int64 and ids.shape == (1, 77)
-    if ids.device.type != "meta":
-        assert torch.equal(ids, torch.arange(77)[None])
-
-
 def _hf_openclip_config(width, layers, heads, projection_dim):
     return CLIPTextConfig(vocab_size=V, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                           num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu",
                           projection_dim=projection_dim, pad_token_id=0, bos_token_id=49406, eos_token_id=49407)
-
-
-def test_diffusers_sdxl_text_encoder_2_maps_to_the_bigg_manifest():
-    # diffusers' SDXL text_encoder_2 is a transformers CLIPTextModelWithProjection
-    with torch.device("meta"):
-        hf = CLIPTextModelWithProjection(_hf_openclip_config(1280, 32, 20, 1280))
-    mapped = shapes(to_single_file("text_encoder_2", hf.state_dict(), layout="openclip"))
-    single = read_layout("sdxl", "conditioner.embedders.1.model.")
-    single.pop("logit_scale")  # never exported by diffusers; the module fills a default
-    assert mapped == single
-    cfg = TextEncoderConfig.from_state_dict(mapped, "openclip", layer="penultimate", final_norm=False)
-    assert cfg == OPENCLIP_BIGG_SDXL
-
-
-def test_diffusers_sd2_text_encoder_has_23_blocks_no_projection_and_still_loads():
-    # diffusers' SD 2.x text_encoder: a plain CLIPTextModel holding only the 23 blocks SD 2 uses
-    with torch.device("meta"):
-        hf = CLIPTextModel(_hf_openclip_config(1024, 23, 16, None))
-    mapped = shapes(text_encoder_from_diffusers(hf.state_dict(), "openclip"))
-    single = read_layout("sd21", "cond_stage_model.model.")
-    expected = {k: s for k, s in single.items()
-                if not k.startswith("transformer.resblocks.23.") and k not in ("logit_scale", "text_projection")}
-    assert mapped == expected
-    # its penultimate state is our last: the loader asks for layer="last" with ln_final
-    cfg = TextEncoderConfig.from_state_dict(mapped, "openclip", layer="last", final_norm=True)
-    assert (cfg.layers, cfg.projection_dim, cfg.width, cfg.heads, cfg.pad_token_id) == (23, None, 1024, 16, 0)
-    with torch.device("meta"):
-        model = build_text_encoder(cfg)
-    model.load_state_dict(meta_tensors(mapped), strict=True, assign=True)
-    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))  # open_clip's init
-
-
-def test_unknown_openclip_diffusers_key_is_an_error():
-    with pytest.raises(ValueError, match="unexpected key"):
-        text_encoder_from_diffusers({"text_model.something_new.weight": torch.zeros(1)}, "openclip")
 
 
 # ---- CLIP-L parity with transformers ------------------------------------------------------
@@ -168,8 +128,7 @@ def hf_clip():
 
 def _ours_from_hf(hf, **kw):
     # heads cannot be read from shapes (real towers all have 64-wide heads); these have 16
-    cfg = TextEncoderConfig.from_state_dict(text_encoder_from_diffusers(hf.state_dict(), "hf"), "hf",
-                                            heads=4, **kw)
+    cfg = config_from(text_encoder_from_diffusers(hf.state_dict(), "hf"), "hf", heads=4, **kw)
     model = build_text_encoder(cfg)
     model.load_state_dict(text_encoder_from_diffusers(hf.state_dict(), "hf"), strict=True)
     return model.eval()
@@ -204,6 +163,22 @@ def test_clip_l_ignores_a_float_or_corrupted_position_ids_buffer(hf_clip):
         assert torch.equal(model(tokens)[0], reference(tokens)[0])
 
 
+@pytest.mark.parametrize("stored", ["missing", "flat"])
+def test_clip_l_position_ids_missing_or_flat_become_int64_0_to_76(hf_clip, stored):
+    sd = text_encoder_from_diffusers(hf_clip.state_dict(), "hf")
+    key = "text_model.embeddings.position_ids"
+    if stored == "missing":  # new transformers / diffusers exports (this transformers may not either)
+        sd.pop(key, None)
+    else:  # stored without its batch dimension
+        sd[key] = torch.arange(77)
+    cfg = _ours_from_hf(hf_clip).cfg
+    with torch.device("meta"):
+        model = build_text_encoder(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    ids = model.text_model.embeddings.position_ids
+    assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(77)[None])
+
+
 # ---- OpenCLIP parity with open_clip and with transformers' export -------------------------
 
 @pytest.fixture(scope="module")
@@ -224,7 +199,7 @@ def _openclip_penultimate(tt, tokens):
 
 def _ours_from_open_clip(tt, **kw):
     sd = tt.state_dict()  # no logit_scale in a bare TextTransformer: the load hook fills it
-    model = build_text_encoder(TextEncoderConfig.from_state_dict(sd, "openclip", heads=4, **kw))
+    model = build_text_encoder(config_from(sd, "openclip", heads=4, **OPENCLIP, **kw))
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -254,6 +229,18 @@ def test_openclip_last_layer_matches_open_clip(oc_text):
         assert rel_err(ours(tokens)[0], ref) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_openclip_without_logit_scale_gets_open_clips_init_in_the_weights_dtype(oc_text, dtype):
+    sd = {k: v.to(dtype) for k, v in oc_text.state_dict().items()}  # a bare TextTransformer has none
+    assert "logit_scale" not in sd
+    with torch.device("meta"):
+        model = build_text_encoder(config_from(sd, "openclip", heads=4, **OPENCLIP))
+    model.load_state_dict(sd, strict=True, assign=True)
+    scale = model.logit_scale
+    assert scale.dtype == dtype and scale.device.type == "cpu"
+    assert scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-2)  # open_clip's init
+
+
 def test_openclip_from_diffusers_export_matches_transformers():
     """Numerically checks the q/k/v fusing and the text_projection transpose of the mapping."""
     torch.manual_seed(2)
@@ -261,8 +248,8 @@ def test_openclip_from_diffusers_export_matches_transformers():
     cfg._attn_implementation = "eager"
     hf = perturb_(CLIPTextModelWithProjection(cfg), seed=2).eval()
     sd = text_encoder_from_diffusers(hf.state_dict(), "openclip")
-    ours = build_text_encoder(TextEncoderConfig.from_state_dict(sd, "openclip", heads=4, layer="penultimate",
-                                                                final_norm=False))
+    ours = build_text_encoder(config_from(sd, "openclip", heads=4, layer="penultimate", final_norm=False,
+                                          **OPENCLIP))
     ours.load_state_dict(sd, strict=True)
     tokens = prompt_tokens(pad_id=0)
     with torch.no_grad():

@@ -1,7 +1,8 @@
-"""The UNet: key layout against the real checkpoints, the diffusers renaming, and numerical
-parity with diffusers' UNet2DConditionModel (the oracle) on narrow random-weight models."""
+"""The UNet: key layout against the real checkpoints, config inference, and numerical parity
+with diffusers' UNet2DConditionModel (the oracle) on narrow random-weight models."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -28,20 +29,11 @@ def test_meta_state_dict_matches_real_checkpoint_layout(name):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_config_inferred_from_checkpoint_shapes_is_the_preset(name):
-    assert UNetConfig.from_state_dict(read_layout(name, "model.diffusion_model.")) == PRESETS[name]
-
-
-def test_diffusers_keys_rename_to_single_file_keys_with_same_shapes():
-    converted = unet_from_diffusers(read_layout("sd15_diffusers", component="unet"))
-    assert converted == read_layout("sd15", "model.diffusion_model.")
-
-
-def test_diffusers_key_without_a_rule_is_refused():
-    sd = dict(read_layout("sd15_diffusers", component="unet"))
-    sd["class_embedding.linear_1.weight"] = (1280, 320)
-    with pytest.raises(ValueError, match="class_embedding"):
-        unet_from_diffusers(sd)
+def test_config_inferred_from_checkpoint_shapes_is_the_preset_in_everything_shapes_determine(name):
+    # the attention split and upcast are family conventions (tests/loading/test_families.py)
+    conventions = dict(num_heads=8, head_dim=None, upcast_attention=False)
+    inferred = UNetConfig.from_state_dict(read_layout(name, "model.diffusion_model."))
+    assert inferred == dataclasses.replace(PRESETS[name], **conventions)
 
 
 # ---- parity with diffusers ----------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""minti.loading.families: the table's facts against the real checkpoint layouts (tests/layouts), the
+narrow test models (tests/checkpoints.py) and what the sampler and the loader hand out."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from checkpoints import MANIFEST, narrow_configs, make_state_dict
+from layouts import read_layout
+from minti import sampling
+from minti.loading.checkpoint import DDPM_BUFFERS, detect_family
+from minti.loading.families import FAMILIES
+from minti.loading.pipeline import _build, random_model
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+def part_shapes(layout: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: s for k, s in layout.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_presets_under_their_prefixes_hold_exactly_the_real_files_keys_and_shapes(name):
+    family = FAMILIES[name]
+    ours = {}
+    for part, spec in family.parts.items():
+        with torch.device("meta"):
+            module = _build(part, spec.preset)
+        ours.update({spec.prefix + k: tuple(t.shape) for k, t in module.state_dict().items()})
+    real = {k: s for k, s in read_layout(MANIFEST[name]).items() if k not in DDPM_BUFFERS}
+    assert ours == real
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_part_of_a_real_file_configures_to_its_preset(name):
+    layout = read_layout(MANIFEST[name])
+    assert detect_family(layout, MANIFEST[name]) == name
+    family = FAMILIES[name]
+    for part, spec in family.parts.items():
+        assert family.config(part, part_shapes(layout, spec.prefix)) == spec.preset, part
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_narrow_test_models_get_one_head_per_preset_head_width(name):
+    # tests/checkpoints.py writes its narrow models with the rule spelled out: SD 1.x 8 heads,
+    # SD 2.x/XL UNet and every CLIP tower one head of the model's full (32) width
+    family, state = FAMILIES[name], make_state_dict(name)
+    for part, want in narrow_configs(name).items():
+        shapes = part_shapes({k: tuple(t.shape) for k, t in state.items()}, family.parts[part].prefix)
+        assert family.config(part, shapes) == want, part
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_only_sd2_ships_its_text_encoder_cut_in_diffusers_folders(name):
+    # diffusers' SD 2.x text_encoder lacks OpenCLIP-H's last block: its last state is the penultimate
+    family, layout = FAMILIES[name], read_layout(MANIFEST[name])
+    for part in family.text_parts:
+        shapes = part_shapes(layout, family.parts[part].prefix)
+        single, folder = family.config(part, shapes), family.config(part, shapes, "diffusers")
+        assert folder.layer == ("last" if name == "sd2" else single.layer)
+        assert single.layer == family.parts[part].preset.layer
+    assert FAMILIES["sd2"].parts["text"].preset.layer == "penultimate"
+
+
+@pytest.mark.parametrize("name, prediction, size", [
+    ("sd1", "eps", 512), ("sd1", "v", 512),
+    ("sd2", "eps", 512), ("sd2", "v", 768),
+    ("sdxl", "eps", 1024), ("sdxl", "v", 1024),
+])
+def test_default_size_is_what_the_family_trained_at_for_that_prediction(name, prediction, size):
+    assert sampling.default_size(SimpleNamespace(family=name, prediction=prediction)) == size
+    sd = random_model(name, torch.float16, "meta", prediction=prediction)
+    assert sd.default_size == size
+
+
+def test_latent_scale_and_fp32_parts_reach_the_loaded_model():
+    assert {n: f.vae_scale for n, f in FAMILIES.items()} == {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+    sdxl = FAMILIES["sdxl"]
+    assert sdxl.part_dtype("vae", torch.float16) == torch.float32  # SDXL's VAE overflows in fp16
+    assert sdxl.part_dtype("vae", torch.bfloat16) == torch.bfloat16
+    assert sdxl.part_dtype("unet", torch.float16) == torch.float16
+    assert all(FAMILIES[n].part_dtype("vae", torch.float16) == torch.float16 for n in ("sd1", "sd2"))
+    assert random_model("sdxl", torch.float16, "meta").vae_scale == 0.13025
+
+
+def test_random_model_of_each_family_has_the_tables_parts():
+    for name, family in FAMILIES.items():
+        sd = random_model(name, torch.float16, "meta")
+        assert [enc.cfg for enc in sd.text_encoders] == [family.parts[p].preset for p in family.text_parts]
+        assert sd.unet.cfg == family.parts["unet"].preset and sd.vae.cfg == family.parts["vae"].preset
+        assert (sd.prediction, sd.family) == ("v" if name == "sd2" else "eps", name)

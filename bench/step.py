@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -40,10 +38,11 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent))
-import memory as memory_bench  # noqa: E402  (bench/memory.py: minti_step and the SDPA swap)
+import memory as memory_bench  # noqa: E402  (bench/memory.py: minti_step, the SDPA swap, write_result)
 import reference  # noqa: E402
 
 import minti.kernels  # noqa: E402,F401  (defines the minti:: custom ops)
+from minti.diffusion import alphas_cumprod  # noqa: E402
 from minti.training import memory  # noqa: E402
 from minti.loading.pipeline import random_model  # noqa: E402
 
@@ -88,7 +87,8 @@ def build_minti(family: str, resolution: int, batch: int, mode: str,
     optimizer = torch.optim.AdamW(vectors, lr=5e-3, weight_decay=0.0)
     plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
     latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
-    return (lambda: memory_bench.minti_step(sd, vectors, optimizer, latents, PROMPT)), plan, sd
+    acp = alphas_cumprod().to(device, torch.float32)
+    return (lambda: memory_bench.minti_step(sd, vectors, optimizer, latents, PROMPT, acp)), plan, sd
 
 
 def build_reference(model: str, resolution: int, batch: int,
@@ -223,12 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size}
     result.update(run_cuda(args) if torch.cuda.is_available() else run_meta(args))
-    result["seconds"] = round(time.time() - start, 1)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, f"step-{args.model}-{args.resolution}.json").write_text(json.dumps(result, indent=1))
-    if args.json:
-        print(json.dumps(result))
+    memory_bench.write_result(result, start, f"step-{args.model}-{args.resolution}.json", args.json)
     return 0
 
 

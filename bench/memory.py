@@ -28,6 +28,7 @@ from minti.training.memtrace import MemoryTracer  # noqa: E402
 from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+PROMPT = "a photo of <bench>"
 GiB = 2**30
 
 
@@ -71,7 +72,9 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, 
     return tracer.peak_bytes, None, lines
 
 
-def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+    """minti set up as minti.train sets it up (bench/step.py times the same step)
+    -> (step, plan, sd, the tensors that exist before the step)."""
     sd = random_model(family, torch.float16, device)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
     sd.add_placeholder("<bench>", 1)
@@ -80,9 +83,13 @@ def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch
     plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
     latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
     acp = alphas_cumprod().to(device, torch.float32)
-    modules = [sd.unet, *sd.text_encoders]
-    peak, first, breakdown = measure(lambda: minti_step(sd, vectors, optimizer, latents, "a photo of <bench>", acp),
-                                     modules, [*vectors, latents, acp], device)
+    step = lambda: minti_step(sd, vectors, optimizer, latents, PROMPT, acp)  # noqa: E731
+    return step, plan, sd, [*vectors, latents, acp]
+
+
+def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+    step, plan, sd, tensors = build_minti(family, resolution, batch, mode, device)
+    peak, first, breakdown = measure(step, [sd.unet, *sd.text_encoders], tensors, device)
     return peak, first, breakdown, plan
 
 

@@ -38,16 +38,13 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent))
-import memory as memory_bench  # noqa: E402  (bench/memory.py: minti_step, the SDPA swap, write_result)
+import memory as memory_bench  # noqa: E402  (bench/memory.py: minti's step, the SDPA swap, write_result)
 import reference  # noqa: E402
 
 import minti.kernels  # noqa: E402,F401  (defines the minti:: custom ops)
-from minti.diffusion import alphas_cumprod  # noqa: E402
 from minti.training import memory  # noqa: E402
-from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = memory_bench.FAMILIES
-PROMPT = "a photo of <bench>"
 ATTENTION_FWD = torch.ops.minti.flash_attn_fwd
 ATTENTION_BWD = torch.ops.minti.flash_attn_bwd
 
@@ -77,20 +74,6 @@ ATTENTION_OPS = {ATTENTION_FWD, ATTENTION_BWD, torch.ops.aten._scaled_dot_produc
 
 # ---------------------------------------------------------------------------- the two steps
 
-def build_minti(family: str, resolution: int, batch: int, mode: str,
-                device: torch.device) -> tuple[Callable[[], None], str, object]:
-    """minti set up as bench/memory.py's run_minti sets it up; returns (step, plan, sd)."""
-    sd = random_model(family, torch.float16, device)
-    sd.offload_vae()  # latents are cached before training; the VAE is not on the device
-    sd.add_placeholder("<bench>", 1)
-    vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]
-    optimizer = torch.optim.AdamW(vectors, lr=5e-3, weight_decay=0.0)
-    plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
-    latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
-    acp = alphas_cumprod().to(device, torch.float32)
-    return (lambda: memory_bench.minti_step(sd, vectors, optimizer, latents, PROMPT, acp)), plan, sd
-
-
 def build_reference(model: str, resolution: int, batch: int,
                     device: torch.device) -> tuple[Callable[[], object], object]:
     ref = reference.build(model, device)
@@ -119,7 +102,7 @@ def count_flops(step: Callable[[], object], swap_sdpa: bool = False) -> dict[str
 
 
 def flops_minti(family: str, resolution: int, batch: int, plan: str) -> dict[str, int]:
-    step, _, _ = build_minti(family, resolution, batch, plan, torch.device("meta"))
+    step, _, _, _ = memory_bench.build_minti(family, resolution, batch, plan, torch.device("meta"))
     return count_flops(step)
 
 
@@ -181,7 +164,8 @@ def _free() -> None:
 
 def run_cuda(args) -> dict:
     device = torch.device("cuda")
-    step, plan, sd = build_minti(FAMILIES[args.model], args.resolution, args.batch_size, args.memory, device)
+    step, plan, sd, _ = memory_bench.build_minti(FAMILIES[args.model], args.resolution, args.batch_size, args.memory,
+                                                 device)
     minti_ms = time_steps(step, args.warmup, args.steps)
     minti_peak = torch.cuda.max_memory_allocated()
     del step, sd

@@ -22,27 +22,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
 
+from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss  # noqa: E402
 from minti.training import memory  # noqa: E402
 from minti.training.memtrace import MemoryTracer  # noqa: E402
 from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+PROMPT = "a photo of <bench>"
 GiB = 2**30
 
 
-def minti_step(sd, vectors: list[torch.Tensor], optimizer, latents: torch.Tensor, prompt: str) -> None:
+def minti_step(sd, vectors: list[torch.Tensor], optimizer, latents: torch.Tensor, prompt: str,
+               acp: torch.Tensor) -> None:
     """One training step as minti.train runs it (see _Run.loss / train_step): cached latents,
-    only the placeholder vectors trainable, fp32 loss, AdamW over the vectors alone."""
+    only the placeholder vectors trainable, the trainer's objective (diffusion_loss, fp32 loss),
+    AdamW over the vectors alone. `acp`: the schedule on the device, made once as the trainer does."""
     B = latents.shape[0]
     noise = torch.randn_like(latents, dtype=torch.float32)
-    t = torch.randint(0, 1000, (B,), device=latents.device)
-    z_t = (latents.float() + noise).to(sd.dtype)  # add_noise: same shapes and lifetimes
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (B,), device=latents.device)
     tokens = [tok.to(latents.device) for tok in sd.tokenize([prompt] * B)]
     context, pooled = sd.encode_tokens(tokens, vectors)
     y = sd.sdxl_vector(pooled, original_size=(1024, 1024), target_size=(1024, 1024)) if sd.family == "sdxl" else None
-    pred = sd.unet(z_t, t, context, y).float()
-    loss = (pred - noise).pow(2).mean()
-    loss.backward()
+    diffusion_loss(sd.unet, latents, noise, t, context, y, prediction=sd.prediction, acp=acp).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -71,7 +72,9 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, 
     return tracer.peak_bytes, None, lines
 
 
-def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+    """minti set up as minti.train sets it up (bench/step.py times the same step)
+    -> (step, plan, sd, the tensors that exist before the step)."""
     sd = random_model(family, torch.float16, device)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
     sd.add_placeholder("<bench>", 1)
@@ -79,9 +82,14 @@ def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch
     optimizer = torch.optim.AdamW(vectors, lr=5e-3, weight_decay=0.0)
     plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
     latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
-    modules = [sd.unet, *sd.text_encoders]
-    peak, first, breakdown = measure(lambda: minti_step(sd, vectors, optimizer, latents, "a photo of <bench>"),
-                                     modules, [*vectors, latents], device)
+    acp = alphas_cumprod().to(device, torch.float32)
+    step = lambda: minti_step(sd, vectors, optimizer, latents, PROMPT, acp)  # noqa: E731
+    return step, plan, sd, [*vectors, latents, acp]
+
+
+def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+    step, plan, sd, tensors = build_minti(family, resolution, batch, mode, device)
+    peak, first, breakdown = measure(step, [sd.unet, *sd.text_encoders], tensors, device)
     return peak, first, breakdown, plan
 
 
@@ -139,13 +147,19 @@ def main(argv: list[str] | None = None) -> int:
         if ref_first is not None:
             result.update(reference_first_step_peak_bytes=ref_first)
         print(f"reference  (diffusers example loop): {ref_peak / GiB:.3f} GiB   minti/reference = {peak / ref_peak:.2f}")
+    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}.json", args.json)
+    return 0
+
+
+def write_result(result: dict, start: float, filename: str, print_json: bool) -> None:
+    """Finish a benchmark's result (bench/step.py's too): add the seconds it took, write it to
+    $OUT/filename when OUT is set (bench/gpu.sh collects those), print it as the last line with --json."""
     result["seconds"] = round(time.time() - start, 1)
     out = os.environ.get("OUT")
     if out:
-        Path(out, f"memory-{args.model}-{args.resolution}-{args.memory}.json").write_text(json.dumps(result, indent=1))
-    if args.json:
+        Path(out, filename).write_text(json.dumps(result, indent=1))
+    if print_json:
         print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":

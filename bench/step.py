@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -40,15 +38,13 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent))
-import memory as memory_bench  # noqa: E402  (bench/memory.py: minti_step and the SDPA swap)
+import memory as memory_bench  # noqa: E402  (bench/memory.py: minti's step, the SDPA swap, write_result)
 import reference  # noqa: E402
 
 import minti.kernels  # noqa: E402,F401  (defines the minti:: custom ops)
 from minti.training import memory  # noqa: E402
-from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = memory_bench.FAMILIES
-PROMPT = "a photo of <bench>"
 ATTENTION_FWD = torch.ops.minti.flash_attn_fwd
 ATTENTION_BWD = torch.ops.minti.flash_attn_bwd
 
@@ -78,19 +74,6 @@ ATTENTION_OPS = {ATTENTION_FWD, ATTENTION_BWD, torch.ops.aten._scaled_dot_produc
 
 # ---------------------------------------------------------------------------- the two steps
 
-def build_minti(family: str, resolution: int, batch: int, mode: str,
-                device: torch.device) -> tuple[Callable[[], None], str, object]:
-    """minti set up as bench/memory.py's run_minti sets it up; returns (step, plan, sd)."""
-    sd = random_model(family, torch.float16, device)
-    sd.offload_vae()  # latents are cached before training; the VAE is not on the device
-    sd.add_placeholder("<bench>", 1)
-    vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]
-    optimizer = torch.optim.AdamW(vectors, lr=5e-3, weight_decay=0.0)
-    plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
-    latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
-    return (lambda: memory_bench.minti_step(sd, vectors, optimizer, latents, PROMPT)), plan, sd
-
-
 def build_reference(model: str, resolution: int, batch: int,
                     device: torch.device) -> tuple[Callable[[], object], object]:
     ref = reference.build(model, device)
@@ -119,7 +102,7 @@ def count_flops(step: Callable[[], object], swap_sdpa: bool = False) -> dict[str
 
 
 def flops_minti(family: str, resolution: int, batch: int, plan: str) -> dict[str, int]:
-    step, _, _ = build_minti(family, resolution, batch, plan, torch.device("meta"))
+    step, _, _, _ = memory_bench.build_minti(family, resolution, batch, plan, torch.device("meta"))
     return count_flops(step)
 
 
@@ -181,7 +164,8 @@ def _free() -> None:
 
 def run_cuda(args) -> dict:
     device = torch.device("cuda")
-    step, plan, sd = build_minti(FAMILIES[args.model], args.resolution, args.batch_size, args.memory, device)
+    step, plan, sd, _ = memory_bench.build_minti(FAMILIES[args.model], args.resolution, args.batch_size, args.memory,
+                                                 device)
     minti_ms = time_steps(step, args.warmup, args.steps)
     minti_peak = torch.cuda.max_memory_allocated()
     del step, sd
@@ -223,12 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size}
     result.update(run_cuda(args) if torch.cuda.is_available() else run_meta(args))
-    result["seconds"] = round(time.time() - start, 1)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, f"step-{args.model}-{args.resolution}.json").write_text(json.dumps(result, indent=1))
-    if args.json:
-        print(json.dumps(result))
+    memory_bench.write_result(result, start, f"step-{args.model}-{args.resolution}.json", args.json)
     return 0
 
 

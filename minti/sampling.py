@@ -3,7 +3,8 @@
 Used by `python -m minti sample` and by training previews, so a preview shows what sample
 will draw. The step rules match diffusers' DDIMScheduler (SD's config: "leading" spacing,
 steps_offset 1, set_alpha_to_one False) and EulerDiscreteScheduler ("linspace" spacing), which
-tests/test_sampler.py checks on random tensors.
+tests/test_sampling.py checks on random tensors. weights/build_tiny.py samples its report with
+`ddim` and `guided_model` too.
 """
 from __future__ import annotations
 
@@ -107,46 +108,48 @@ def latent_shape(sd, height: int, width: int) -> tuple[int, int, int]:
     return channels, height // factor, width // factor
 
 
-def default_size(sd) -> int:
-    """The resolution sd's family was trained at (SD 2.x v models at 768): the family table's."""
-    from minti.loading.families import FAMILIES
+def guided_model(unet: torch.nn.Module, context: torch.Tensor, y: torch.Tensor | None, guidance: float) -> ModelFn:
+    """The ModelFn of a UNet with classifier-free guidance: `context` (and `y`) hold the
+    unconditional rows, then the conditional ones, and the prediction is
+    uncond + guidance * (cond - uncond); at guidance 1 that is cond alone, so `context` then
+    holds only the conditional rows and the UNet runs once. The UNet runs in the dtype of `context`."""
+    guided = guidance != 1.0
 
-    return FAMILIES[sd.family].default_size(sd.prediction)
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_in = torch.cat([x, x]) if guided else x
+        t_in = torch.cat([t, t]) if guided else t
+        out = unet(x_in.to(context.dtype), t_in.to(context.device), context, y).float()
+        if not guided:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return model_fn
 
 
 @torch.no_grad()
 def generate(sd, prompts: list[str], *, extra: list[torch.Tensor] | None = None, negative: str = "",
-             steps: int = 30, cfg: float = 7.5, seeds: list[int] | None = None, height: int | None = None,
+             steps: int = 30, guidance: float = 7.5, seeds: list[int] | None = None, height: int | None = None,
              width: int | None = None, method: str = "ddim", shape: tuple[int, int, int] | None = None
              ) -> torch.Tensor:
     """Sample latents for `prompts` (placeholders already registered with sd.add_placeholder and
-    their vectors in `extra`). Returns latents [B,C,h,w] float32; decode with sd.decode_latents.
-    `shape` (C, h, w) skips asking the VAE for the latent size (training previews know it)."""
+    their vectors in `extra`) at classifier-free guidance scale `guidance` (1: unguided). Returns
+    latents [B,C,h,w] float32; decode with sd.decode_latents. `shape` (C, h, w) skips asking
+    the VAE for the latent size (training previews know it)."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}: use {' or '.join(SAMPLERS)}")
-    height = height or default_size(sd)
-    width = width or default_size(sd)
+    height = height or sd.default_size
+    width = width or sd.default_size
     seeds = list(range(len(prompts))) if seeds is None else seeds
     noise = initial_noise(seeds, shape or latent_shape(sd, height, width)).to(sd.device)
-    guided = cfg != 1.0
-    texts = ([negative] * len(prompts) if guided else []) + list(prompts)
+    texts = ([negative] * len(prompts) if guidance != 1.0 else []) + list(prompts)
     extra_dev = None if extra is None else [v.to(sd.device, sd.dtype) for v in extra]
     context, pooled = sd.encode_tokens(sd.tokenize(texts), extra_dev)
     y = None
     if sd.family == "sdxl":
         y = sd.sdxl_vector(pooled, original_size=(height, width), crop=(0, 0), target_size=(height, width))
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if guided else x
-        t_in = torch.cat([t, t]) if guided else t
-        out = sd.unet(x_in.to(sd.dtype), t_in.to(sd.device), context, y).float()
-        if not guided:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + cfg * (cond - uncond)
-
     run = ddim if method == "ddim" else euler
-    return run(model_fn, noise, steps, sd.prediction)
+    return run(guided_model(sd.unet, context, y, guidance), noise, steps, sd.prediction)
 
 
 def to_pil(pixels: torch.Tensor) -> list:

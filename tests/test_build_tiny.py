@@ -78,12 +78,12 @@ def test_quick_build_file_loads_as_the_configured_model(quick_build):
 def test_quick_build_writes_the_demo_concept_and_a_grid(quick_build):
     from PIL import Image
 
-    from minti.demo import toy_images as shapes
+    from minti.demo import toy_images
 
     d, _, _ = quick_build
     files = sorted((d / "demo").glob("*.png"))
     assert len(files) == 5
-    want = shapes.concept_samples(5, seed=0)
+    want = toy_images.concept_samples(5, seed=0)
     for f, s in zip(files, want):
         assert Image.open(f).size == (64, 64)
         assert Image.open(f).convert("RGB").tobytes() == s.image.tobytes()
@@ -113,9 +113,9 @@ def test_normalised_latents_have_sd_scale_and_decode_the_same():
     bt = _module()
     torch.manual_seed(0)
     vae = bt.AutoencoderKL(bt.VAE).eval()
-    from minti.demo import toy_images as shapes
+    from minti.demo import toy_images
 
-    x = bt.to_pixels(torch.from_numpy(shapes.dataset(12, seed=4)[0]).permute(0, 3, 1, 2))
+    x = bt.to_pixels(torch.from_numpy(toy_images.dataset(12, seed=4)[0]).permute(0, 3, 1, 2))
     with torch.no_grad():
         before = vae.decode(vae.encode(x)[0])
         bt.normalise_latents(vae, x)

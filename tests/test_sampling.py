@@ -77,3 +77,20 @@ def test_bad_step_counts_are_rejected():
         sampler.ddim_timesteps(0)
     with pytest.raises(ValueError):
         sampler.euler_sigmas(0, alphas_cumprod())
+
+
+def test_guided_model_mixes_unconditional_and_conditional_rows_and_runs_once_unguided():
+    calls = []
+
+    def unet(x, t, context, y=None):
+        calls.append(x.shape[0])
+        return x * context[:, :1, :1, None] + t.reshape(-1, 1, 1, 1)
+
+    x, t = torch.randn(2, 4, 3, 3), torch.tensor([10.0, 20.0])
+    uncond, cond = torch.full((2, 5, 8), 0.5), torch.full((2, 5, 8), 2.0)
+    out = sampler.guided_model(unet, torch.cat([uncond, cond]), None, 3.0)(x, t)
+    expected_u, expected_c = x * 0.5 + t.reshape(-1, 1, 1, 1), x * 2.0 + t.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out, expected_u + 3.0 * (expected_c - expected_u))
+    assert calls == [4]
+    torch.testing.assert_close(sampler.guided_model(unet, cond, None, 1.0)(x, t), expected_c)
+    assert calls == [4, 2]

@@ -35,17 +35,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from minti.demo import concept_score
-from minti.models import ops
-from minti.demo import toy_images as shapes
-from minti.models.clip import TextEncoderConfig, build_text_encoder
-from minti.diffusion import add_noise, alphas_cumprod
+from minti.demo import concept_score, toy_images
+from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss
 from minti.loading.tokenizer import Tokenizer
+from minti.models import ops
+from minti.models.clip import TextEncoderConfig, build_text_encoder
 from minti.models.unet import UNet, UNetConfig
 from minti.models.vae import AutoencoderKL, VAEConfig
+from minti.sampling import ddim, guided_model, initial_noise
 
 HERE = Path(__file__).resolve().parent
 VAE_SCALE = 0.18215  # SD 1.x's latent scale: minti.load applies it to every sd1-family file
@@ -60,7 +59,6 @@ UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, t
                   transformer_depth_middle=1, num_heads=8, head_dim=None, context_dim=64)
 TEXT = TextEncoderConfig(width=64, layers=3, heads=1)  # real CLIP vocabulary: 49408 tokens
 MAX_BYTES = 30_000_000
-NUM_TIMESTEPS = 1000
 
 
 @dataclass
@@ -134,7 +132,7 @@ def templates() -> list[str]:
         from minti.training.templates import OBJECT
         return list(OBJECT)
     except ImportError:
-        return [p + " [name]" for p in shapes.PREFIXES]
+        return [p + " [name]" for p in toy_images.PREFIXES]
 
 
 # ---- 1 data ---------------------------------------------------------------------------------------
@@ -144,8 +142,8 @@ def stage_data(cfg: BuildConfig, scratch: Path) -> dict:
     if path.exists():
         return torch.load(path, weights_only=False)
     t0 = time.time()
-    train, train_attrs = shapes.dataset(cfg.n_images, seed=cfg.seed, resolution=cfg.resolution)
-    hold, hold_attrs = shapes.dataset(cfg.n_holdout, seed=cfg.seed + 1, resolution=cfg.resolution)
+    train, train_attrs = toy_images.dataset(cfg.n_images, seed=cfg.seed, resolution=cfg.resolution)
+    hold, hold_attrs = toy_images.dataset(cfg.n_holdout, seed=cfg.seed + 1, resolution=cfg.resolution)
     data = dict(train=torch.from_numpy(train).permute(0, 3, 1, 2).contiguous(), hold=torch.from_numpy(hold).permute(0, 3, 1, 2).contiguous(),
                 train_attrs=[a.to_dict() for a in train_attrs], hold_attrs=[a.to_dict() for a in hold_attrs])
     atomic_save(data, path)
@@ -366,7 +364,7 @@ def make_captions(attrs: list[dict], rng: np.random.Generator, cfg: BuildConfig,
         if rng.uniform() < cfg.uncond_p:
             out.append("")
             continue
-        text = shapes.caption(shapes.Attributes(**a), rng, drop=cfg.drop_p, generic=cfg.generic_p)
+        text = toy_images.caption(toy_images.Attributes(**a), rng, drop=cfg.drop_p, generic=cfg.generic_p)
         if rng.uniform() < cfg.template_p:
             text = tmpl[rng.integers(len(tmpl))].replace("[name]", text)
         out.append(text)
@@ -389,7 +387,7 @@ def unet_batch(attrs: list[dict], lat: tuple[torch.Tensor, torch.Tensor], cfg: B
     idx = torch.randint(len(attrs), (cfg.unet_batch,), generator=gen)
     z0 = sample_latents(lat, idx, gen)
     tokens = tok.encode(make_captions([attrs[i] for i in idx.tolist()], rng, cfg, tmpl))
-    t = torch.randint(0, NUM_TIMESTEPS, (cfg.unet_batch,), generator=gen)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (cfg.unet_batch,), generator=gen)
     noise = torch.randn(z0.shape, generator=gen)
     return z0, tokens, t, noise
 
@@ -399,7 +397,7 @@ def unet_step(unet: UNet, te: torch.nn.Module, opt: torch.optim.Optimizer, batch
     """One eps-prediction step of the UNet and the text encoder together: the text encoder
     learns through the UNet's cross-attention."""
     z0, tokens, t, noise = batch
-    loss = F.mse_loss(unet(add_noise(z0, noise, t, acp), t, te(tokens)[0]), noise)
+    loss = diffusion_loss(unet, z0, noise, t, te(tokens)[0], acp=acp)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for m in (unet, te) for p in m.parameters()], 1.0)
@@ -484,9 +482,8 @@ def heldout_loss(unet: UNet, te: torch.nn.Module, data: dict, lat: dict, tok: To
         z0 = sample_latents(hold, idx, gen)
         t = torch.randint(0, len(acp), (len(idx),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
-        caps = [shapes.caption(shapes.Attributes(**data["hold_attrs"][j])) for j in idx.tolist()]
-        pred = unet(add_noise(z0, noise, t, acp), t, te(tok.encode(caps))[0])
-        total += F.mse_loss(pred, noise, reduction="sum").item()
+        caps = [toy_images.caption(toy_images.Attributes(**data["hold_attrs"][j])) for j in idx.tolist()]
+        total += diffusion_loss(unet, z0, noise, t, te(tok.encode(caps))[0], acp=acp, reduction="sum").item()
         n += noise.numel()
     return total / n
 
@@ -494,21 +491,12 @@ def heldout_loss(unet: UNet, te: torch.nn.Module, data: dict, lat: dict, tok: To
 @torch.no_grad()
 def ddim_sample(unet: UNet, te: torch.nn.Module, vae: AutoencoderKL, tok: Tokenizer, prompts: list[str],
                 seeds: list[int], steps: int, cfg_scale: float) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) with classifier-free guidance -> pixels [B,3,H,W] in [-1,1]."""
-    acp = alphas_cumprod().float()
+    """minti's DDIM (eta 0) with classifier-free guidance, as `python -m minti sample` draws
+    -> pixels [B,3,H,W] in [-1,1]."""
     side = 64 // 4  # latent side of the 64-pixel model
-    x = torch.stack([torch.randn(VAE.z_channels, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    cond = te(tok.encode(prompts))[0]
-    uncond = te(tok.encode([""] * len(prompts)))[0]
-    ts = list(range(0, 1000, 1000 // steps))[:steps][::-1]  # "leading" spacing, as SD's DDIM
-    for i, t in enumerate(ts):
-        tt = torch.full((len(prompts),), t, dtype=torch.long)
-        e_u, e_c = unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond])).chunk(2)
-        eps = e_u + cfg_scale * (e_c - e_u)
-        a = acp[t]
-        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    x = initial_noise(seeds, (VAE.z_channels, side, side))
+    context = te(tok.encode([""] * len(prompts) + prompts))[0]  # unconditional rows first
+    x = ddim(guided_model(unet, context, None, cfg_scale), x, steps)
     return vae.decode(x / VAE_SCALE).clamp(-1, 1)
 
 
@@ -546,11 +534,11 @@ def stage_report(cfg: BuildConfig, data: dict, lat: dict, vae: AutoencoderKL, un
     # grid: per row, one caption; first column the generator's own rendering of it
     rows, captions = [], []
     for r in range(cfg.grid_prompts):
-        a = shapes.sample_attributes(rng)
-        captions.append(shapes.caption(a))
+        a = toy_images.sample_attributes(rng)
+        captions.append(toy_images.caption(a))
         px = ddim_sample(unet, te, vae, tok, [captions[-1]] * cfg.grid_seeds,
                          [1000 + r * 10 + s for s in range(cfg.grid_seeds)], **sample)
-        rows.append([shapes.render(a, cfg.resolution).image] + to_images(px))
+        rows.append([toy_images.render(a, cfg.resolution).image] + to_images(px))
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = grid_path.with_name(f".{grid_path.name}.tmp.png")
     grid(rows).save(tmp)
@@ -558,11 +546,11 @@ def stage_report(cfg: BuildConfig, data: dict, lat: dict, vae: AutoencoderKL, un
     rep["grid_captions"] = captions
 
     # caption fidelity: a sample against the rendering of its own caption vs of another caption
-    attrs = [shapes.sample_attributes(rng) for _ in range(cfg.fidelity_n)]
-    px = ddim_sample(unet, te, vae, tok, [shapes.caption(a) for a in attrs],
+    attrs = [toy_images.sample_attributes(rng) for _ in range(cfg.fidelity_n)]
+    px = ddim_sample(unet, te, vae, tok, [toy_images.caption(a) for a in attrs],
                      [2000 + i for i in range(len(attrs))], **sample)
     feats = [concept_score.features(x) for x in concept_score.to_arrays(px)]
-    refs = [concept_score.features(np.asarray(shapes.render(a, cfg.resolution).image, np.float64)) for a in attrs]
+    refs = [concept_score.features(np.asarray(toy_images.render(a, cfg.resolution).image, np.float64)) for a in attrs]
     n = len(attrs)
     own = [concept_score.score_features([feats[i]], [refs[i]]).total for i in range(n)]
     other = [concept_score.score_features([feats[i]], [refs[(i + 1) % n]]).total for i in range(n)]
@@ -570,10 +558,10 @@ def stage_report(cfg: BuildConfig, data: dict, lat: dict, vae: AutoencoderKL, un
     rep["fidelity_other_caption"] = float(np.mean(other))
 
     # the demo concept: described in words vs the init word alone (what textual inversion starts from)
-    concept = [s.image for s in shapes.concept_samples(cfg.n_concept_images, cfg.seed, cfg.resolution)]
+    concept = [s.image for s in toy_images.concept_samples(cfg.n_concept_images, cfg.seed, cfg.resolution)]
     seeds = [3000 + i for i in range(cfg.concept_n)]
-    for key, prompt in (("concept_score_described", shapes.caption(shapes.concept_attributes(rng))),
-                        ("concept_score_init_word", f"a {shapes.CONCEPT_CAPTION_INIT}")):
+    for key, prompt in (("concept_score_described", toy_images.caption(toy_images.concept_attributes(rng))),
+                        ("concept_score_init_word", f"a {toy_images.CONCEPT_CAPTION_INIT}")):
         px = ddim_sample(unet, te, vae, tok, [prompt] * cfg.concept_n, seeds, **sample)
         rep[key] = concept_score.concept_score(px, concept).total
     rep["report_seconds"] = time.time() - t0
@@ -586,7 +574,7 @@ def stage_report(cfg: BuildConfig, data: dict, lat: dict, vae: AutoencoderKL, un
 def stage_concept(cfg: BuildConfig, demo_dir: Path) -> list[Path]:
     demo_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for i, s in enumerate(shapes.concept_samples(cfg.n_concept_images, cfg.seed, cfg.resolution)):
+    for i, s in enumerate(toy_images.concept_samples(cfg.n_concept_images, cfg.seed, cfg.resolution)):
         p = demo_dir / f"concept-{i}.png"
         tmp = demo_dir / f".concept-{i}.tmp.png"
         s.image.save(tmp)
@@ -682,9 +670,9 @@ def estimate(cfg: BuildConfig, reps: int = 3, efficiency: float = 0.8) -> dict[s
         return min(wall, cpu / (torch.get_num_threads() * efficiency))
 
     tok = Tokenizer.from_openclip_vocab(pad_token_id=TEXT.pad_token_id)
-    images, attrs = shapes.dataset(16, seed=cfg.seed + 99, resolution=cfg.resolution)
+    images, attrs = toy_images.dataset(16, seed=cfg.seed + 99, resolution=cfg.resolution)
     # the generator is single-threaded numpy: its CPU time is its wall time
-    per_image = best(lambda: shapes.dataset(8, seed=cfg.seed + 98, resolution=cfg.resolution)) / 8 \
+    per_image = best(lambda: toy_images.dataset(8, seed=cfg.seed + 98, resolution=cfg.resolution)) / 8 \
         * torch.get_num_threads() * efficiency
     train = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     vae = AutoencoderKL(VAE)
@@ -834,7 +822,7 @@ def build(args: argparse.Namespace, cfg: BuildConfig, scratch: Path) -> dict:
     demo = stage_concept(cfg, args.demo_dir)
     log(f"concept: {len(demo)} images in {args.demo_dir}")
     meta = dict(minti_build=f"weights/build_tiny.py seed={cfg.seed} quick={args.quick}",
-                concept=shapes.caption(shapes.Attributes(**shapes.CONCEPT)), init_word=shapes.CONCEPT_CAPTION_INIT)
+                concept=toy_images.caption(toy_images.Attributes(**toy_images.CONCEPT)), init_word=toy_images.CONCEPT_CAPTION_INIT)
     written = stage_write(unet, vae, te, args.out, meta)
     log(f"wrote {args.out}: {written['bytes'] / 1e6:.1f} MB, {written['tensors']} tensors")
     log(verify_load(args.out, unet, vae, te, tok))

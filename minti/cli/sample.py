@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--embedding {path} does not exist: check the path")
     sd = load_model(model, args.device, args.dtype, args.prediction)
     extra = register_embeddings(sd, args.embedding or [], args.prompt, args.token)
-    size = native_size or smp.default_size(sd)
+    size = native_size or sd.default_size
     height, width = args.height or size, args.width or size
     try:
         smp.latent_shape(sd, height, width)

@@ -47,7 +47,7 @@ N_QUANTILES = 32
 SHAPE_GRID = 32
 EDGE = 20.0  # luminance gradient (0..255 per pixel) that counts as a pattern edge
 
-# 1 / (component between shapes.dataset(64, seed=1) and shapes.concept_samples(5)), from
+# 1 / (component between toy_images.dataset(64, seed=1) and toy_images.concept_samples(5)), from
 # calibrate(); rounded. Recompute if the generator's look changes.
 WEIGHTS = {"fg_colour": 8.7, "bg_colour": 6.4, "position": 25.0, "size": 19.0, "shape": 6.9, "pattern": 1.3}
 
@@ -283,9 +283,9 @@ def concept_score(generated, concept, weights: dict[str, float] | None = None) -
 def calibrate(n: int = 64, seed: int = 1) -> dict[str, float]:
     """The weights that make each component 1 between n random training images and the demo
     concept's images (how WEIGHTS was made)."""
-    from minti.demo import toy_images as shapes
+    from minti.demo import toy_images
 
-    images, _ = shapes.dataset(n, seed=seed, resolution=RES)
+    images, _ = toy_images.dataset(n, seed=seed, resolution=RES)
     ones = {k: 1.0 for k in WEIGHTS}
-    s = concept_score(list(images), [c.image for c in shapes.concept_samples(5)], ones)
+    s = concept_score(list(images), [c.image for c in toy_images.concept_samples(5)], ones)
     return {k: 1.0 / max(v, 1e-9) for k, v in s.components.items()}

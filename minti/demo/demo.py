@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from minti.demo import toy_images as shapes
+from minti.demo import toy_images
 from minti.training import templates as tpl
 from minti.errors import UserError
 
@@ -27,20 +27,20 @@ DEMO_IMAGES = WEIGHTS / "demo-concept"
 BUILD_COMMAND = "python weights/build_tiny.py"
 
 TOKEN = "<demo>"
-INIT = shapes.CONCEPT_CAPTION_INIT  # "shape": the tiny model's captions use it for any shape
+INIT = toy_images.CONCEPT_CAPTION_INIT  # "shape": the tiny model's captions use it for any shape
 RESOLUTION = 64  # the tiny model's only size (minti's sd1 default of 512 would be 64x the work)
 OUTPUT = Path("runs") / "demo"
 PROMPT = tpl.fill(tpl.OBJECT[0], TOKEN)  # the first training template: what the grid draws, as previews do
 
-# Training. On the shipped model at 64 px, batch 8, a step takes 0.16 s on 2 idle cores of the
-# development machine (6 steps/s): 400 steps are 67 s, and the whole demo with loading, the
-# grid and the held-out loss 80 s, well inside the 5-minute budget with room for a slower
-# machine. 3,200 samples: each of the 5 concept images ~640 times at different (timestep,
-# noise); batch 8 rather than 4 because the diffusion loss is noisy across timesteps. lr 5e-3
-# is A1111's (and the trainer's) default; the cosine decay lets the vector settle instead of
-# ending on a full-size Adam step, so the grid drawn from the final vector shows where
-# training got to, not one lucky or unlucky last step. Over training seeds 0-4 the learned
-# token's concept score is 4.23-4.31 against the init word's 6.78 (bench/demo_margin.py).
+# Training. Sized so that the whole demo (loading, training, the grid, the held-out loss) runs
+# well inside a 5-minute budget on 2 CPU cores, with room for a slower machine; the measured
+# step time and demo time are in bench/RESULTS.md ("Demo"), where they can be re-measured
+# without going stale here. 3,200 samples: each of the 5 concept images ~640 times at different
+# (timestep, noise); batch 8 rather than 4 because the diffusion loss is noisy across timesteps.
+# lr 5e-3 is A1111's (and the trainer's) default; the cosine decay lets the vector settle
+# instead of ending on a full-size Adam step, so the grid drawn from the final vector shows
+# where training got to, not one lucky or unlucky last step. How far the learned token beats
+# the init word over training seeds is measured by bench/demo_margin.py (bench/RESULTS.md).
 STEPS = 400
 BATCH_SIZE = 8
 LR = 5e-3
@@ -83,7 +83,7 @@ def train_defaults(steps: int | None = None) -> dict:
     return {"images": str(DEMO_IMAGES), "token": TOKEN, "init": INIT, "resolution": RESOLUTION,
             "steps": STEPS if steps is None else steps, "batch_size": BATCH_SIZE, "lr": LR,
             "lr_schedule": LR_SCHEDULE, "preview_every": 0,  # the grid below is the preview
-            "preview_steps": GRID_STEPS, "preview_cfg": GRID_CFG,
+            "preview_steps": GRID_STEPS, "preview_guidance": GRID_CFG,
             # the demo is seeded and cheap: running the same command again redoes it
             "overwrite": True, "output": str(OUTPUT)}
 
@@ -191,7 +191,7 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
     from minti.demo import concept_score
     from minti import sampling as smp
     from minti.training.data import TrainingData, load_images
-    from minti.training.trainer import _resolution, initial_vectors, register_token
+    from minti.training.trainer import initial_vectors, register_token, training_resolution
 
     n = learned[0].shape[0]
     init = initial_vectors(sd, config.init, n)
@@ -201,7 +201,7 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
     from_file = Path(config.init).suffix.lower() in (".pt", ".bin", ".safetensors")
     init_label = f"{prompt} ({config.token} = {Path(config.init).name})" if from_file else \
         prompt.replace(config.token, config.init)
-    res = _resolution(sd, config)
+    res = training_resolution(sd, config)
     seeds = list(range(GRID_FIRST_SEED, GRID_FIRST_SEED + GRID_SEEDS))
     extras = {"init": _extra(sd, offset, init), "learned": _extra(sd, offset, learned)}
     if sd.vae is None:
@@ -210,7 +210,7 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
     concept = concept_score.to_arrays(config.images)
     for row, extra in extras.items():
         latents = smp.generate(sd, [prompt] * len(seeds), extra=extra, steps=config.preview_steps,
-                               cfg=config.preview_cfg, seeds=seeds, height=res, width=res)
+                               guidance=config.preview_guidance, seeds=seeds, height=res, width=res)
         with torch.no_grad():
             pixels = sd.decode_latents(latents.to(sd.dtype)).float().cpu()
         images[row] = smp.to_pil(pixels)
@@ -222,7 +222,7 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
                   learned_components=scores["learned"].components,
                   heldout_init=heldout_loss(sd, data, config.token, templates, extras["init"]),
                   heldout_learned=heldout_loss(sd, data, config.token, templates, extras["learned"]),
-                  seeds=seeds, steps=config.preview_steps, cfg=config.preview_cfg)
+                  seeds=seeds, steps=config.preview_steps, cfg=config.preview_guidance)
     if out is not None:
         from PIL import Image
 

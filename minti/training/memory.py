@@ -37,9 +37,11 @@ def _weight_bytes(sd) -> int:
 
 
 def estimate_step_bytes(sd, resolution: int, batch_size: int, checkpointing: bool) -> int:
-    """Peak bytes of one training step of this model, traced on the meta device (seconds)."""
-    from minti.training.memtrace import MemoryTracer
+    """Peak bytes of one training step of this model, traced on the meta device (seconds): the
+    text encoders, then the trainer's objective (minti.diffusion.diffusion_loss) and its backward."""
+    from minti.diffusion import diffusion_loss
     from minti.loading.pipeline import random_model
+    from minti.training.memtrace import MemoryTracer
 
     meta = random_model(sd.family, sd.dtype, "meta", prediction=sd.prediction)
     meta.unet.checkpointing = checkpointing
@@ -54,6 +56,7 @@ def estimate_step_bytes(sd, resolution: int, batch_size: int, checkpointing: boo
         context, pooled = meta.encode_tokens(tokens, vectors)
         y = (meta.sdxl_vector(pooled, original_size=(resolution, resolution), target_size=(resolution, resolution))
              if meta.family == "sdxl" else None)
+        noise = torch.zeros(latents.shape, device="meta")
         t = torch.zeros(batch_size, dtype=torch.long, device="meta")
-        meta.unet(latents, t, context, y).float().pow(2).mean().backward()
+        diffusion_loss(meta.unet, latents, noise, t, context, y, prediction=meta.prediction).backward()
     return tracer.peak_bytes

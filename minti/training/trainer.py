@@ -171,7 +171,7 @@ def register_token(sd, token: str, n: int) -> int:
 
 def training_resolution(sd, config: TrainConfig) -> int:
     """config.resolution, or the model family's native size; checked against the UNet's depth."""
-    res = config.resolution or sampling.default_size(sd)
+    res = config.resolution or sd.default_size
     factor = sampling.latent_factor(sd)
     # The UNet halves the latent once per level below the first; the latent must survive that.
     levels = len(sd.unet.cfg.channel_mult) - 1 if hasattr(sd.unet, "cfg") else 3

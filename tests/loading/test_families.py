@@ -2,14 +2,12 @@
 narrow test models (tests/checkpoints.py) and what the sampler and the loader hand out."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from checkpoints import MANIFEST, narrow_configs, make_state_dict
 from layouts import read_layout
-from minti import sampling
 from minti.loading.checkpoint import DDPM_BUFFERS, detect_family
 from minti.loading.families import FAMILIES
 from minti.loading.pipeline import _build, random_model
@@ -70,7 +68,7 @@ def test_only_sd2_ships_its_text_encoder_cut_in_diffusers_folders(name):
     ("sdxl", "eps", 1024), ("sdxl", "v", 1024),
 ])
 def test_default_size_is_what_the_family_trained_at_for_that_prediction(name, prediction, size):
-    assert sampling.default_size(SimpleNamespace(family=name, prediction=prediction)) == size
+    assert FAMILIES[name].default_size(prediction) == size
     sd = random_model(name, torch.float16, "meta", prediction=prediction)
     assert sd.default_size == size
 

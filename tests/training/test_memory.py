@@ -23,18 +23,22 @@ def context_grad(unet: UNet, x, t, context) -> torch.Tensor:
     return grad
 
 
+def random_unet_and_inputs(cfg, t: int):
+    """A narrow frozen UNet with random weights, and seeded (x, t, context) for it."""
+    torch.manual_seed(0)
+    unet = UNet(narrow(cfg)).requires_grad_(False)
+    for p in unet.parameters():
+        p.normal_(0, 0.05)
+    return unet, torch.randn(1, 4, 16, 16), torch.tensor([t]), torch.randn(1, 77, unet.cfg.context_dim)
+
+
 # the models on their pure-torch paths (the kernels have their own tests)
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.mark.parametrize("cfg", [SD1, SD2], ids=["sd1", "sd2"])
 def test_block_checkpointing_gives_the_same_text_gradient(cfg):
-    torch.manual_seed(0)
-    unet = UNet(narrow(cfg)).requires_grad_(False)
-    for p in unet.parameters():
-        p.normal_(0, 0.05)
-    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
-    context = torch.randn(1, 77, unet.cfg.context_dim)
+    unet, x, t, context = random_unet_and_inputs(cfg, 500)
     plain = context_grad(unet, x, t, context)
     unet.checkpointing = True
     ours = context_grad(unet, x, t, context)
@@ -42,12 +46,7 @@ def test_block_checkpointing_gives_the_same_text_gradient(cfg):
 
 
 def test_input_gradient_only_convs_give_the_same_text_gradient(monkeypatch):
-    torch.manual_seed(0)
-    unet = UNet(narrow(SD1)).requires_grad_(False)
-    for p in unet.parameters():
-        p.normal_(0, 0.05)
-    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
-    context = torch.randn(1, 77, unet.cfg.context_dim)
+    unet, x, t, context = random_unet_and_inputs(SD1, 10)
     ours = context_grad(unet, x, t, context)
     monkeypatch.setattr(ops, "conv2d", lambda x, w, b, stride=1, padding=0: F.conv2d(x, w, b, stride, padding))
     plain = context_grad(unet, x, t, context)

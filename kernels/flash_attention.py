@@ -182,6 +182,19 @@ if triton is not None:
         return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col, mask=ok, other=0.0)
 
     @triton.jit
+    def _dot_rows_of(x_lo, x_hi, base, rows, row_ok, s_row, s_col, D: tl.constexpr, D_LO: tl.constexpr,
+                     D_HI: tl.constexpr, PRECISION: tl.constexpr):
+        """x @ y^T over the head dim's one or two pieces, where y is rows `rows` of the [N, D]
+        matrix at `base` (loaded here) -> (x @ y^T, y_lo, y_hi); y_hi is y_lo when D_HI == 0."""
+        y_lo = _tile(base, rows, row_ok, s_row, s_col, 0, D_LO, D, True)
+        out = _dot(x_lo, tl.trans(y_lo), PRECISION)
+        y_hi = y_lo
+        if D_HI > 0:
+            y_hi = _tile(base, rows, row_ok, s_row, s_col, D_LO, D_HI, D, True)
+            out += _dot(x_hi, tl.trans(y_hi), PRECISION)
+        return out, y_lo, y_hi
+
+    @triton.jit
     def _store_tile(base, x, rows, row_ok, s_row, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
         cols = COL0 + tl.arange(0, WIDTH)
         tl.store(base + rows[:, None] * s_row + cols[None, :], x.to(base.dtype.element_ty),
@@ -250,8 +263,6 @@ if triton is not None:
                   H, Nq, Nk, scale,
                   CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
         offs_m, m_ok = _block_rows(BLOCK_M, Nq)
         offs_n = tl.arange(0, BLOCK_N)
         q_base, k_base, v_base, o_base = _head_bases(Q, K, V, O, H, sqb, sqh, skb, skh, svb, svh, sob, soh)
@@ -268,6 +279,7 @@ if triton is not None:
         hi = Nk
         full_end = (Nk // BLOCK_N) * BLOCK_N
         if CAUSAL:
+            pid_m = tl.program_id(0)
             hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
             full_end = tl.minimum(full_end, ((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
@@ -287,6 +299,7 @@ if triton is not None:
             tl.store(o_ptrs + cols[None, :] * sod, (acc_hi / l_i[:, None]).to(O.dtype.element_ty),
                      mask=m_ok[:, None] & (cols[None, :] < D))
         # lse in natural-log units, the same as the torch path: (m + log2 l) * ln 2.
+        bh = tl.program_id(1)
         tl.store(LSE + bh * Nq + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
     @triton.jit
@@ -326,6 +339,7 @@ if triton is not None:
         v_lo = _tile(v_base, offs_n, n_ok, svn, svd, 0, D_LO, D, True)
         dk_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
         dv_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
+        k_hi, v_hi = k_lo, v_lo  # placeholders, unused unless D_HI > 0
         if D_HI > 0:
             k_hi = _tile(k_base, offs_n, n_ok, skn, skd, D_LO, D_HI, D, True)
             v_hi = _tile(v_base, offs_n, n_ok, svn, svd, D_LO, D_HI, D, True)
@@ -340,18 +354,11 @@ if triton is not None:
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Nq
-            q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
-            do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
             lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate without transposing them.
-            st = _dot(k_lo, tl.trans(q_lo), PRECISION)
-            dpt = _dot(v_lo, tl.trans(do_lo), PRECISION)
-            if D_HI > 0:
-                q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
-                do_hi = _tile(do_base, offs_m, m_ok, sdm, sdd, D_LO, D_HI, D, True)
-                st += _dot(k_hi, tl.trans(q_hi), PRECISION)
-                dpt += _dot(v_hi, tl.trans(do_hi), PRECISION)
+            st, q_lo, q_hi = _dot_rows_of(k_lo, k_hi, q_base, offs_m, m_ok, sqm, sqd, D, D_LO, D_HI, PRECISION)
+            dpt, do_lo, do_hi = _dot_rows_of(v_lo, v_hi, do_base, offs_m, m_ok, sdm, sdd, D, D_LO, D_HI, PRECISION)
             pt = tl.math.exp2(st * qk_scale - lse[None, :])
             ok = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
@@ -386,35 +393,29 @@ if triton is not None:
                      CAUSAL: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program per query block: loop over every key block it sees."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
         offs_m, m_ok = _block_rows(BLOCK_M, Nq)
         q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, H, sqb, sqh, skb, skh, svb, svh, sdb, sdh)
         q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
         do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
         dq_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
+        q_hi, do_hi = q_lo, do_lo  # placeholders, unused unless D_HI > 0
         if D_HI > 0:
             q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
             do_hi = _tile(do_base, offs_m, m_ok, sdm, sdd, D_LO, D_HI, D, True)
             dq_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
+        bh = tl.program_id(1)
         lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
         qk_scale = scale * 1.4426950408889634
         hi = Nk
         if CAUSAL:
+            pid_m = tl.program_id(0)
             hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Nk
-            k_lo = _tile(k_base, offs_n, n_ok, skn, skd, 0, D_LO, D, True)
-            v_lo = _tile(v_base, offs_n, n_ok, svn, svd, 0, D_LO, D, True)
-            s = _dot(q_lo, tl.trans(k_lo), PRECISION)
-            dp = _dot(do_lo, tl.trans(v_lo), PRECISION)
-            if D_HI > 0:
-                k_hi = _tile(k_base, offs_n, n_ok, skn, skd, D_LO, D_HI, D, True)
-                v_hi = _tile(v_base, offs_n, n_ok, svn, svd, D_LO, D_HI, D, True)
-                s += _dot(q_hi, tl.trans(k_hi), PRECISION)
-                dp += _dot(do_hi, tl.trans(v_hi), PRECISION)
+            s, k_lo, k_hi = _dot_rows_of(q_lo, q_hi, k_base, offs_n, n_ok, skn, skd, D, D_LO, D_HI, PRECISION)
+            dp, v_lo, v_hi = _dot_rows_of(do_lo, do_hi, v_base, offs_n, n_ok, svn, svd, D, D_LO, D_HI, PRECISION)
             p = tl.math.exp2(s * qk_scale - lse[:, None])
             ok = m_ok[:, None] & n_ok[None, :]
             if CAUSAL:

@@ -450,8 +450,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
                                   weight_decay=config.weight_decay)
     fp16 = sd.dtype == torch.float16
     scaler = LossScaler(config.loss_scale if config.loss_scale is not None else (2.0 ** 16 if fp16 else None))
-    step = _resume(state, vectors, optimizer, scaler) if state is not None else 0
-    resumed_at = step
+    step = resumed_at = _resume(state, vectors, optimizer, scaler) if state is not None else 0
     acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
     previews = folder is not None and config.preview_every > 0
 

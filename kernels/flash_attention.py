@@ -16,8 +16,8 @@ tile padded with zeros (_head_pieces).
 The entry point is a torch custom op (forward and backward are separate ops with fake
 implementations) so the models trace on the meta device and under torch.compile.
 
-This file holds, in order: the float64-friendly reference, the torch path (torch's fused
-attention ops where they fit, query chunks elsewhere), the Triton kernels, the launchers,
+This file holds, in order: the float64-friendly reference, the torch path (torch's CPU
+flash attention ops on the CPU, query chunks elsewhere), the Triton kernels, the launchers,
 the custom ops and the public `flash_attention`.
 """
 from __future__ import annotations
@@ -54,20 +54,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 # ----------------------------------------------------------------------------- torch path
 
-# The torch path calls torch's own fused attention where it can hand us the per-row lse:
-#   "cpu"     aten's CPU flash kernels, forward (out, lse) and backward from (out, lse): the
-#             same five saved tensors as the Triton path, no N x N tensor, one op each way.
-#   "sdpa"    (CUDA without Triton: GTX 10xx, a Triton fallback) F.scaled_dot_product_attention,
-#             which picks its flash / memory-efficient kernel there. Its public API returns no
-#             lse, so the backward recomputes the forward under autograd (one more attention
-#             forward of FLOPs) instead of saving anything more than q, k, v and out; the lse
-#             this path returns is never read (its backward is the same path's, see _torch_path).
-#   "chunked" every other device (MPS, ...), where torch's attention backward may hold the
-#             N x N probabilities: query chunks of matmuls, at most TORCH_CHUNK_ELEMENTS scores.
+# On the CPU the torch path calls aten's CPU flash attention, forward (out, lse) and backward
+# from (out, lse): one op each way, the same five saved tensors as the Triton path, no N x N
+# tensor. Elsewhere (CUDA without Triton, MPS) it runs query chunks of matmuls, at most
+# TORCH_CHUNK_ELEMENTS scores at a time: torch's public SDPA returns no lse to save, and its
+# backward on some devices holds the N x N probabilities.
 def _torch_path(q: torch.Tensor) -> str:
-    if q.device.type == "cpu":
-        return "cpu"
-    return "sdpa" if q.device.type == "cuda" else "chunked"
+    return "cpu" if q.device.type == "cpu" else "chunked"
 
 
 def _torch_fwd(q, k, v, causal: bool, scale: float):
@@ -75,10 +68,6 @@ def _torch_fwd(q, k, v, causal: bool, scale: float):
     if path == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out.contiguous(), lse.float().contiguous()  # lse comes as a [B, Nq, H] transpose
-    if path == "sdpa":
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)  # unread
-        return out.contiguous(), lse
     return _chunked_fwd(q, k, v, causal, scale)
 
 
@@ -92,12 +81,6 @@ def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, causal, scale=scale)
         return tuple(g.contiguous() for g in grads)  # they come as [B, N, H, D] transposes
-    if path == "sdpa":
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal, scale=scale)
-            grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
-        return tuple(g.contiguous() for g in grads)
     return _chunked_bwd(do, q, k, v, o, lse, causal, scale)
 
 
@@ -744,7 +727,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     q [B,H,Nq,D], k/v [B,H,Nk,D] -> [B,H,Nq,D]; scale defaults to 1/sqrt(D); causal is
     top-left aligned (query i sees keys j <= i). backend: "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1), "torch" (torch's fused attention, see _torch_path), "auto" (Triton on CUDA).
+    TRITON_INTERPRET=1), "torch" (torch's own ops, see _torch_path), "auto" (Triton on CUDA).
     """
     _check(q, k, v)
     if backend not in _k.BACKENDS:

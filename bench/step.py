@@ -2,6 +2,7 @@
 
     python bench/step.py --model sd15 --resolution 512 [--batch-size 1] [--memory auto|low|fast]
                          [--steps 20] [--json]
+    python bench/step.py --device cpu [--resolution 256|512] [--steps 3]
 
 On CUDA: the median wall time of a step (torch.cuda.synchronize() before and after each one,
 after warm-up steps that also autotune the Triton kernels) for minti's step (bench/memory.py's
@@ -9,7 +10,12 @@ minti_step: cached latents, fp16 weights, fp32 vectors, the chosen memory plan) 
 reference loop (bench/reference.py: the diffusers example with fp16 autocast, VAE encode
 every step, AdamW over the whole embedding table). Target: minti/reference <= 0.6.
 
-Without CUDA: FLOPs of one step of each, counted with torch.utils.flop_counter.FlopCounterMode
+With --device cpu (resolution 256 unless given): FLOPs as below, then the median wall time of
+a step of minti (plan fast) and of the reference, both in float32 on the CPU, after warm-up,
+their steps timed alternately (--steps 3 by default). The issue's target there:
+minti/reference <= 0.70 at 256² and 512² (the FLOP ratio is about 0.61).
+
+Without CUDA (and without --device cpu): FLOPs of one step of each, counted with torch.utils.flop_counter.FlopCounterMode
 while the real-size step runs on the `meta` device (shapes only, seconds). Both of minti's
 plans are counted (low recomputes every UNet block in backward). Only matmuls, convolutions
 and attention are counted (FlopCounterMode's convention; norms and elementwise ops are not).
@@ -27,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -190,23 +198,108 @@ def run_cuda(args) -> dict:
             "minti_peak_bytes": minti_peak, "reference_peak_bytes": ref_peak}
 
 
+# ---------------------------------------------------------------------------- CPU: time
+
+def _float32_minti(family: str, resolution: int, batch: int, mode: str):
+    """memory_bench.build_minti with float32 weights (it builds fp16, for the GPU)."""
+    random_model = memory_bench.random_model
+    memory_bench.random_model = lambda family, dtype, device: random_model(family, torch.float32, device)
+    try:
+        return memory_bench.build_minti(family, resolution, batch, mode, torch.device("cpu"))
+    finally:
+        memory_bench.random_model = random_model
+
+
+def _float32_reference(model: str, resolution: int, batch: int) -> Callable[[], object]:
+    """The reference step with its fp16 UNet and VAE in float32. reference.step casts their
+    inputs to fp16 (for the GPU's autocast): pre-hooks cast them back. autocast=True keeps it
+    from making fp16 copies of the text encoders (that is its meta-device path); CUDA autocast
+    does nothing to CPU ops."""
+    ref = reference.build(model, "cpu")
+    to_fp32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+
+    def cast_inputs(module, args, kwargs):
+        return tuple(map(to_fp32, args)), {k: to_fp32(v) for k, v in kwargs.items()}
+
+    for module in (ref.unet.float(), ref.vae.float().encoder):
+        module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    pixels = torch.zeros(batch, 3, resolution, resolution)
+    tokens = torch.zeros(batch, 77, dtype=torch.long)
+    return lambda: reference.step(ref, pixels, tokens, autocast=True)
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _seconds(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def run_cpu(args) -> dict:
+    """FLOPs (meta trace), then wall time per step of minti (plan fast: no recompute) and of
+    the reference, both float32 on the CPU: warm-up, then steps timed alternately, so that
+    whatever else the machine does falls on both."""
+    result = run_meta(args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
+        minti_step, _, _, _ = _float32_minti(FAMILIES[args.model], args.resolution, args.batch_size, "fast")
+        ref_step = _float32_reference(args.model, args.resolution, args.batch_size)
+        for _ in range(args.warmup):
+            minti_step()
+            ref_step()
+        minti_s, ref_s = [], []
+        for _ in range(args.steps):
+            minti_s.append(_seconds(minti_step))
+            ref_s.append(_seconds(ref_step))
+    m, r = statistics.median(minti_s), statistics.median(ref_s)
+    cpu = _cpu_name()
+    print(f"\nCPU ({cpu}, {torch.get_num_threads()} threads), float32, median of {args.steps} alternating steps "
+          f"after {args.warmup} warm-up")
+    print(f"{'':28} {'s/step':>8} {'min':>8} {'max':>8}")
+    print(f"{'minti (plan fast)':28} {m:8.2f} {min(minti_s):8.2f} {max(minti_s):8.2f}")
+    print(f"{'reference (diffusers, fp32)':28} {r:8.2f} {min(ref_s):8.2f} {max(ref_s):8.2f}")
+    print(f"minti/reference = {m / r:.3f}  (FLOP ratio {result['minti_fast_ratio']:.3f})")
+    result.update(method="FLOPs: FlopCounterMode on a meta trace; time: median wall time per step, float32, "
+                         "steps alternating", device=f"cpu ({cpu})", threads=torch.get_num_threads(),
+                  steps=args.steps, warmup=args.warmup, minti_s=round(m, 3), reference_s=round(r, 3),
+                  ratio=round(m / r, 4), minti_s_all=[round(t, 3) for t in minti_s],
+                  reference_s_all=[round(t, 3) for t in ref_s])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=FAMILIES, default="sd15")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None, help="default 512, 256 with --device cpu")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--memory", choices=memory.MODES, default="auto",
                    help="minti's memory plan on CUDA (without CUDA both fast and low are counted)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps on CUDA (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first on CUDA")
+    p.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                   help="auto: time on CUDA, else count FLOPs only; cpu: count FLOPs and time both steps "
+                        "in float32 on the CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (median reported): 20 on CUDA, 3 on the CPU")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first: 3 on CUDA, 1 on the CPU")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
+    on_cpu = args.device == "cpu"
+    args.resolution = args.resolution or (256 if on_cpu else 512)
+    args.steps = (3 if on_cpu else 20) if args.steps is None else args.steps
+    args.warmup = (1 if on_cpu else 3) if args.warmup is None else args.warmup
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
 
     start = time.time()
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size}
-    result.update(run_cuda(args) if torch.cuda.is_available() else run_meta(args))
+    if on_cpu:
+        result.update(run_cpu(args))
+    else:
+        result.update(run_cuda(args) if torch.cuda.is_available() else run_meta(args))
     memory_bench.write_result(result, start, f"step-{args.model}-{args.resolution}.json", args.json)
     return 0
 

@@ -16,8 +16,9 @@ tile padded with zeros (_head_pieces).
 The entry point is a torch custom op (forward and backward are separate ops with fake
 implementations) so the models trace on the meta device and under torch.compile.
 
-This file holds, in order: the float64-friendly reference, the chunked torch path, the
-Triton kernels, the launchers, the custom ops and the public `flash_attention`.
+This file holds, in order: the float64-friendly reference, the torch path (torch's CPU
+flash attention ops on the CPU, query chunks elsewhere), the Triton kernels, the launchers,
+the custom ops and the public `flash_attention`.
 """
 from __future__ import annotations
 
@@ -53,7 +54,37 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 # ----------------------------------------------------------------------------- torch path
 
-# Upper bound on B*H*rows*Nk score elements held at once by the torch path.
+# On the CPU the torch path calls aten's CPU flash attention, forward (out, lse) and backward
+# from (out, lse): one op each way, the same five saved tensors as the Triton path, no N x N
+# tensor. Elsewhere (CUDA without Triton, MPS) it runs query chunks of matmuls, at most
+# TORCH_CHUNK_ELEMENTS scores at a time: torch's public SDPA returns no lse to save, and its
+# backward on some devices holds the N x N probabilities.
+def _torch_path(q: torch.Tensor) -> str:
+    return "cpu" if q.device.type == "cpu" else "chunked"
+
+
+def _torch_fwd(q, k, v, causal: bool, scale: float):
+    path = _torch_path(q)
+    if path == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out.contiguous(), lse.float().contiguous()  # lse comes as a [B, Nq, H] transpose
+    return _chunked_fwd(q, k, v, causal, scale)
+
+
+def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    """Gradients from the saved tensors; lse may be the Triton forward's (a fallback), which
+    is the same natural-log lse in fp32 [B, H, Nq] that the "cpu" forward returns."""
+    path = _torch_path(q)
+    if path == "cpu":
+        do = do.to(q.dtype)
+        lse = lse.to(_acc_dtype(q.dtype))  # the kernel wants its accumulation dtype (fp64 for fp64)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse, 0.0, causal, scale=scale)
+        return tuple(g.contiguous() for g in grads)  # they come as [B, N, H, D] transposes
+    return _chunked_bwd(do, q, k, v, o, lse, causal, scale)
+
+
+# Upper bound on B*H*rows*Nk score elements the chunked path holds at once.
 # Tests lower it so the chunk loop runs several times with a ragged tail.
 TORCH_CHUNK_ELEMENTS = 1 << 24
 
@@ -76,7 +107,7 @@ def _masked_scores(qc: torch.Tensor, k: torch.Tensor, start: int, causal: bool, 
     return s
 
 
-def _torch_fwd(q, k, v, causal: bool, scale: float):
+def _chunked_fwd(q, k, v, causal: bool, scale: float):
     b, h, nq, d = q.shape
     acc = _acc_dtype(q.dtype)
     out = _k.new_output((b, h, nq, d), q.dtype, q.device)
@@ -91,7 +122,7 @@ def _torch_fwd(q, k, v, causal: bool, scale: float):
     return out, lse
 
 
-def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+def _chunked_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     acc = _acc_dtype(q.dtype)
     kf, vf = k.to(acc), v.to(acc)
     dq = _k.new_output(q.shape, q.dtype, q.device)
@@ -696,7 +727,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     q [B,H,Nq,D], k/v [B,H,Nk,D] -> [B,H,Nq,D]; scale defaults to 1/sqrt(D); causal is
     top-left aligned (query i sees keys j <= i). backend: "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1), "torch" (query-chunked pure torch), "auto" (Triton on CUDA).
+    TRITON_INTERPRET=1), "torch" (torch's own ops, see _torch_path), "auto" (Triton on CUDA).
     """
     _check(q, k, v)
     if backend not in _k.BACKENDS:

@@ -16,6 +16,8 @@ the cancellation of E[x^2] - E[x]^2.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,47 +41,44 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 # ----------------------------------------------------------------------------- torch path
 
+# torch's fused group norm (native_group_norm: statistics and output in one op) and SiLU in
+# place: two ops forward. The backward recomputes the pre-SiLU tensor with native_group_norm
+# rather than save it (the same pass the Triton backward makes over x), then calls the fused
+# SiLU and group-norm backward ops: three ops. So the autograd function below keeps what the
+# Triton path keeps, x and mean/rstd (2 * B * G fp32 values); native group norm + SiLU under
+# plain autograd would keep their output too, one more x-sized tensor per call.
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, mean, rstd):
-    """Normalised input and affine output, [B, C, S] in the accumulation dtype."""
-    b, c = x.shape[:2]
+def _native_args(x, weight, bias, groups: int):
+    """native_group_norm's x, weight, bias, N, C, HxW, group, in the dtypes that keep the
+    statistics in fp32 (fp64 for fp64): the CPU kernel takes half x with fp32 weights, other
+    devices get x upcast."""
     acc = _acc_dtype(x.dtype)
-    xg = x.reshape(b, groups, -1).to(acc)
-    y_hat = ((xg - mean[..., None]) * rstd[..., None]).reshape(b, c, -1)
-    return y_hat, y_hat * weight.to(acc)[:, None] + bias.to(acc)[:, None]
+    xa = x if x.device.type == "cpu" else x.to(acc)
+    return xa, weight.to(acc), bias.to(acc), x.shape[0], x.shape[1], math.prod(x.shape[2:]), groups
 
 
 def _torch_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
-    b = x.shape[0]
-    xg = x.reshape(b, groups, -1).to(_acc_dtype(x.dtype))
-    mean = xg.mean(-1)
-    rstd = torch.rsqrt(xg.var(-1, unbiased=False) + eps)
-    _, z = _affine(x, weight, bias, groups, mean, rstd)
-    out = _k.new_output(x.shape, x.dtype, x.device)
-    out.copy_((F.silu(z) if silu else z).reshape(x.shape))
+    out, mean, rstd = torch.ops.aten.native_group_norm(*_native_args(x, weight, bias, groups), eps)
+    out = out.to(x.dtype)
+    if silu:
+        out = F.silu(out, inplace=True)  # out is ours: no second x-sized buffer
     return out, mean.float(), rstd.float()
 
 
-def _torch_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
-    b, c = x.shape[:2]
+def _torch_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool, eps: float):
+    xa, wa, ba, n, c, hxw, g = _native_args(x, weight, bias, groups)
+    dz = dout.to(xa.dtype)
+    if silu:  # silu'(z) at z = GroupNorm(x), recomputed
+        z, _, _ = torch.ops.aten.native_group_norm(xa, wa, ba, n, c, hxw, g, eps)
+        dz = torch.ops.aten.silu_backward(dz, z)
     acc = _acc_dtype(x.dtype)
-    mean, rstd = mean.to(acc), rstd.to(acc)
-    y_hat, z = _affine(x, weight, bias, groups, mean, rstd)
-    dz = dout.reshape(b, c, -1).to(acc)
-    if silu:
-        sig = torch.sigmoid(z)
-        dz = dz * sig * (1.0 + z * (1.0 - sig))
-    dy_hat = (dz * weight.to(acc)[:, None]).reshape(b, groups, -1)
-    y_hat = y_hat.reshape(b, groups, -1)
-    # d/dx of (x - mean) * rstd over a group of size M.
-    c1 = dy_hat.mean(-1, keepdim=True)
-    c2 = (dy_hat * y_hat).mean(-1, keepdim=True)
-    dx = _k.new_output(x.shape, x.dtype, x.device)
-    dx.copy_(((dy_hat - c1 - y_hat * c2) * rstd[..., None]).reshape(x.shape))
-    return dx
+    dx, _, _ = torch.ops.aten.native_group_norm_backward(dz, xa, mean.to(acc), rstd.to(acc), wa, n, c, hxw, g,
+                                                         [True, False, False])
+    return dx.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -249,7 +248,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         else:
             out, mean, rstd = _torch_fwd(*args)
         ctx.save_for_backward(x, weight, bias, mean, rstd)  # x + two [B, G] fp32 tensors
-        ctx.groups, ctx.silu, ctx.use_triton = groups, silu, use_triton
+        ctx.groups, ctx.eps, ctx.silu, ctx.use_triton = groups, eps, silu, use_triton
         return out
 
     @staticmethod
@@ -259,9 +258,9 @@ class _GroupNormSiLU(torch.autograd.Function):
         if x.is_meta:
             dx = _meta_bwd(*args)
         elif ctx.use_triton:
-            dx = _k.with_fallback("group_norm_silu", lambda: _triton_bwd(*args), lambda: _torch_bwd(*args))
+            dx = _k.with_fallback("group_norm_silu", lambda: _triton_bwd(*args), lambda: _torch_bwd(*args, ctx.eps))
         else:
-            dx = _torch_bwd(*args)
+            dx = _torch_bwd(*args, ctx.eps)
         # Frozen affine parameters: no weight/bias gradient by design (see module docstring).
         return dx, None, None, None, None, None, None
 

@@ -268,3 +268,70 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("path", ["cpu", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d,nq,nk", SHAPES)
+def test_each_torch_path_matches_float64_reference(d, nq, nk, causal, dtype, path, poisoned, small_torch_chunks,
+                                                   monkeypatch):
+    # On the CPU every branch of the torch path runs: the device only picks which one.
+    monkeypatch.setattr(fa, "_torch_path", lambda q: path)
+    q, k, v, do = _inputs(2, 2, nq, nk, d, dtype, seed=d + nq + 1)
+    tol = {torch.float16: 2e-3}.get(dtype, kt.TOL.get(dtype))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fa.flash_attention(*leaves, causal=causal, backend="torch")
+    out.backward(do)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = fa.attention_reference(*refs, causal=causal)
+    ref.backward(do.double())
+    assert out.dtype == dtype
+    for name, got, want in [("out", out, ref)] + [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]:
+        assert kt.rel_err(got, want) <= tol, f"{name}: relative error {kt.rel_err(got, want):.2e}"
+
+
+def test_models_upcast_attention_takes_the_same_fp32_accumulating_torch_path():
+    from minti.models import ops
+
+    q, k, v, _ = _inputs(1, 2, 77, 77, 64, torch.bfloat16, seed=9)
+    ref = fa.attention_reference(q.double(), k.double(), v.double(), causal=True)
+    ops.set_backend("torch")
+    try:
+        out = ops.attention(q, k, v, causal=True, upcast=True)
+    finally:
+        ops.set_backend("auto")
+    assert out.dtype == torch.bfloat16 and kt.rel_err(out, ref) <= kt.TOL[torch.bfloat16]
+
+
+def test_triton_forward_lse_feeds_the_torch_backward_of_a_fallback():
+    # A Triton backward that cannot launch falls back to the torch backward with the Triton
+    # forward's lse: the two must agree on its units and layout.
+    q, k, v, do = _inputs(1, 2, 45, 38, 40, torch.float32, seed=4)
+    _, lse = fa._torch_fwd(q, k, v, True, 0.2)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.2
+    s = s.masked_fill(torch.ones(45, 38, dtype=torch.bool).triu(1), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 45) and lse.is_contiguous()
+    assert kt.rel_err(lse, torch.logsumexp(s, -1)) <= 1e-6
+    o = fa.attention_reference(q, k, v, causal=True, scale=0.2)
+    grads = fa._torch_bwd(do, q, k, v, o, torch.logsumexp(s, -1).float(), True, 0.2)
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    fa.attention_reference(*refs, causal=True, scale=0.2).backward(do.double())
+    for got, r in zip(grads, refs):
+        assert got.is_contiguous() and kt.rel_err(got, r.grad) <= kt.TOL[torch.float32]
+
+
+def test_torch_path_is_one_fused_op_each_way_on_the_cpu():
+    # The chunked path it replaces ran ~10 small ops per chunk each way (many elementwise
+    # launches; on a busy CPU those cost far more than their FLOPs).
+    from test_group_norm_silu import _AtenOps
+
+    # (The custom op hides its insides from a dispatch mode: the path's functions are recorded.)
+    q, k, v, do = _inputs(1, 8, 1024, 77, 40, torch.float32, seed=6)
+    with _AtenOps() as fwd_ops:
+        out, lse = fa._torch_fwd(q, k, v, False, 0.15)
+    with _AtenOps() as bwd_ops:
+        fa._torch_bwd(do, q, k, v, out, lse, False, 0.15)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in fwd_ops.names
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in bwd_ops.names
+    assert fwd_ops.calls <= 4 and bwd_ops.calls <= 8, (fwd_ops.calls, bwd_ops.calls)

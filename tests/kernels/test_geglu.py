@@ -81,3 +81,30 @@ def test_traces_under_torch_compile():
     xr = x.detach().double().requires_grad_()
     gg.geglu_reference(xr).sum().backward()
     assert kt.rel_err(x.grad, xr.grad) <= 1e-5
+
+
+def test_torch_path_is_fused_gelu_not_many_elementwise_ops():
+    from test_group_norm_silu import _AtenOps
+
+    x = torch.randn(1, 256, 2560, requires_grad=True)
+    dout = torch.randn(1, 256, 1280)
+    with _AtenOps() as fwd_ops:
+        out = gg.geglu(x, backend="torch")
+    with _AtenOps() as bwd_ops:
+        out.backward(dout)
+    assert "gelu" in fwd_ops.names and "gelu_backward" in bwd_ops.names
+    assert fwd_ops.calls <= 3 and bwd_ops.calls <= 6, (fwd_ops.names, bwd_ops.names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_torch_path_matches_reference_for_fp16_and_fp64(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = (2 * torch.randn(2, 9, 96, generator=g)).to(dtype).requires_grad_()
+    dout = torch.randn(2, 9, 48, generator=g).to(dtype)
+    out = gg.geglu(x, backend="torch")
+    out.backward(dout)
+    xr = x.detach().double().requires_grad_()
+    gg.geglu_reference(xr).backward(dout.double())
+    tol = {torch.float16: 2e-3, torch.float64: 1e-12}[dtype]
+    assert out.dtype == dtype and kt.rel_err(out, gg.geglu_reference(xr)) <= tol
+    assert kt.rel_err(x.grad, xr.grad) <= tol

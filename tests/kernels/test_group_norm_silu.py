@@ -96,14 +96,22 @@ def test_traces_under_torch_compile():
 
 
 class _AtenOps(TorchDispatchMode):
-    """Records the name of every aten op that runs while active."""
+    """Records the name of every aten op that runs while active, and counts the calls that
+    are not views or allocations (those launch no work)."""
+
+    FREE = {"empty", "new_empty", "empty_strided", "view", "detach", "t", "transpose", "permute", "slice",
+            "split", "split_with_sizes", "chunk", "unsqueeze", "squeeze", "expand", "alias", "_unsafe_view",
+            "as_strided", "select", "reshape"}
 
     def __init__(self):
         super().__init__()
         self.names = set()
+        self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        self.names.add(name)
+        self.calls += name not in self.FREE
         return func(*args, **(kwargs or {}))
 
 
@@ -121,3 +129,30 @@ def test_triton_path_merges_group_statistics_in_its_kernels_not_in_torch_ops():
     bookkeeping = {"empty", "new_empty", "view", "detach", "copy_", "set_", "_to_copy"}
     assert fwd_ops.names <= bookkeeping, fwd_ops.names - bookkeeping
     assert bwd_ops.names <= bookkeeping, bwd_ops.names - bookkeeping
+
+
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "plain"])
+def test_torch_path_is_native_group_norm_not_many_elementwise_ops(silu):
+    # The torch path runs on every CPU: each small elementwise op is a pass over x, and on a
+    # busy machine many of them cost far more than their arithmetic.
+    x, w, b, dout = _inputs((1, 64, 32, 32), torch.float32, seed=3)
+    x.requires_grad_()
+    with _AtenOps() as fwd_ops:
+        out = gn.group_norm_silu(x, w, b, 8, 1e-5, silu=silu, backend="torch")
+    with _AtenOps() as bwd_ops:
+        out.backward(dout)
+    assert "native_group_norm" in fwd_ops.names and "native_group_norm_backward" in bwd_ops.names
+    assert fwd_ops.calls <= 4 and bwd_ops.calls <= 5, (fwd_ops.names, bwd_ops.names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_torch_path_keeps_fp32_statistics_for_fp16_and_fp64_inputs(dtype):
+    x, w, b, dout = _inputs((2, 32, 9, 7), dtype, seed=4)
+    xl = x.clone().requires_grad_()
+    out = gn.group_norm_silu(xl, w, b, 4, 1e-5, backend="torch")
+    out.backward(dout)
+    xr = x.double().requires_grad_()
+    ref = gn.group_norm_silu_reference(xr, w.double(), b.double(), 4, 1e-5)
+    ref.backward(dout.double())
+    tol = {torch.float16: 2e-3, torch.float64: 1e-6}[dtype]
+    assert out.dtype == dtype and kt.rel_err(out, ref) <= tol and kt.rel_err(xl.grad, xr.grad) <= tol

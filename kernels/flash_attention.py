@@ -213,6 +213,15 @@ if triton is not None:
         return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col, mask=ok, other=0.0)
 
     @triton.jit
+    def _both_pieces(base, rows, row_ok, s_row, s_col, D: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr):
+        """Rows `rows` of a [N, D] matrix as its (lo, hi) head-dim pieces; hi is lo when D_HI == 0."""
+        lo = _tile(base, rows, row_ok, s_row, s_col, 0, D_LO, D, True)
+        hi = lo
+        if D_HI > 0:
+            hi = _tile(base, rows, row_ok, s_row, s_col, D_LO, D_HI, D, True)
+        return lo, hi
+
+    @triton.jit
     def _dot_rows_of(x_lo, x_hi, base, rows, row_ok, s_row, s_col, D: tl.constexpr, D_LO: tl.constexpr,
                      D_HI: tl.constexpr, PRECISION: tl.constexpr):
         """x @ y^T over the head dim's one or two pieces, where y is rows `rows` of the [N, D]
@@ -366,14 +375,11 @@ if triton is not None:
         bh = tl.program_id(1)
         offs_n, n_ok = _block_rows(BLOCK_N, Nk)
         q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, H, sqb, sqh, skb, skh, svb, svh, sdb, sdh)
-        k_lo = _tile(k_base, offs_n, n_ok, skn, skd, 0, D_LO, D, True)
-        v_lo = _tile(v_base, offs_n, n_ok, svn, svd, 0, D_LO, D, True)
+        k_lo, k_hi = _both_pieces(k_base, offs_n, n_ok, skn, skd, D, D_LO, D_HI)
+        v_lo, v_hi = _both_pieces(v_base, offs_n, n_ok, svn, svd, D, D_LO, D_HI)
         dk_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
         dv_lo = tl.zeros([BLOCK_N, D_LO], tl.float32)
-        k_hi, v_hi = k_lo, v_lo  # placeholders, unused unless D_HI > 0
         if D_HI > 0:
-            k_hi = _tile(k_base, offs_n, n_ok, skn, skd, D_LO, D_HI, D, True)
-            v_hi = _tile(v_base, offs_n, n_ok, svn, svd, D_LO, D_HI, D, True)
             dk_hi = tl.zeros([BLOCK_N, D_HI], tl.float32)
             dv_hi = tl.zeros([BLOCK_N, D_HI], tl.float32)
         qk_scale = scale * 1.4426950408889634
@@ -385,11 +391,22 @@ if triton is not None:
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Nq
+            q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
+            do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
             lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate without transposing them.
-            st, q_lo, q_hi = _dot_rows_of(k_lo, k_hi, q_base, offs_m, m_ok, sqm, sqd, D, D_LO, D_HI, PRECISION)
-            dpt, do_lo, do_hi = _dot_rows_of(v_lo, v_hi, do_base, offs_m, m_ok, sdm, sdd, D, D_LO, D_HI, PRECISION)
+            # (Both lo tiles load before the products: in this order the sm_75 compile of the
+            # deterministic pass at D = 160 keeps within its registers, which _dot_rows_of's
+            # load-multiply-load order does not.)
+            st = _dot(k_lo, tl.trans(q_lo), PRECISION)
+            dpt = _dot(v_lo, tl.trans(do_lo), PRECISION)
+            q_hi, do_hi = q_lo, do_lo  # placeholders, unused unless D_HI > 0
+            if D_HI > 0:
+                q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
+                do_hi = _tile(do_base, offs_m, m_ok, sdm, sdd, D_LO, D_HI, D, True)
+                st += _dot(k_hi, tl.trans(q_hi), PRECISION)
+                dpt += _dot(v_hi, tl.trans(do_hi), PRECISION)
             pt = tl.math.exp2(st * qk_scale - lse[None, :])
             ok = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
@@ -426,13 +443,10 @@ if triton is not None:
         """One program per query block: loop over every key block it sees."""
         offs_m, m_ok = _block_rows(BLOCK_M, Nq)
         q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, H, sqb, sqh, skb, skh, svb, svh, sdb, sdh)
-        q_lo = _tile(q_base, offs_m, m_ok, sqm, sqd, 0, D_LO, D, True)
-        do_lo = _tile(do_base, offs_m, m_ok, sdm, sdd, 0, D_LO, D, True)
+        q_lo, q_hi = _both_pieces(q_base, offs_m, m_ok, sqm, sqd, D, D_LO, D_HI)
+        do_lo, do_hi = _both_pieces(do_base, offs_m, m_ok, sdm, sdd, D, D_LO, D_HI)
         dq_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
-        q_hi, do_hi = q_lo, do_lo  # placeholders, unused unless D_HI > 0
         if D_HI > 0:
-            q_hi = _tile(q_base, offs_m, m_ok, sqm, sqd, D_LO, D_HI, D, True)
-            do_hi = _tile(do_base, offs_m, m_ok, sdm, sdd, D_LO, D_HI, D, True)
             dq_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
         bh = tl.program_id(1)
         lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634

@@ -159,8 +159,8 @@ def _what(dims: list[int]) -> str:
     if family is None:
         return f"{list(dims)}-wide"
     if len(dims) == 2:
-        return f"{FAMILY_LABELS[family]} (clip_l [N, {dims[0]}] + clip_g [N, {dims[1]}])"
-    return f"{FAMILY_LABELS[family]} ([N, {dims[0]}])"
+        return f"{list(dims)}-wide ({FAMILY_LABELS[family]}: clip_l [N, {dims[0]}] + clip_g [N, {dims[1]}])"
+    return f"{list(dims)}-wide ({FAMILY_LABELS[family]})"
 
 
 def mismatch(path: str | Path, emb: Embedding, sd) -> str:

@@ -119,10 +119,10 @@ def test_an_sdxl_embedding_file_continues_and_the_other_family_is_one_clear_erro
         initial_vectors(sd, str(tmp_path / "sd1.safetensors"), None)
     message = str(e.value)
     assert "\n" not in message and "sd1.safetensors" in message
-    assert "SD 1.x ([N, 768])" in message and "this SDXL model" in message
+    assert "holds [768]-wide (SD 1.x) vectors but this SDXL model" in message
     sd1 = load(make_single_file(tmp_path, "sd1"))
     Embedding("<xl>", [torch.randn(2, 768), torch.randn(2, 1280)]).save(tmp_path / "xl.safetensors")
-    with pytest.raises(UserError, match=r"SDXL \(clip_l \[N, 768\] \+ clip_g \[N, 1280\]\) vectors but this SD 1.x"):
+    with pytest.raises(UserError, match=r"\(SDXL: clip_l \[N, 768\] \+ clip_g \[N, 1280\]\) vectors but this SD 1.x"):
         initial_vectors(sd1, str(tmp_path / "xl.safetensors"), None)
 
 

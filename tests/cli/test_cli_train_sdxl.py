@@ -38,7 +38,7 @@ def check_sdxl_file(path, n_vectors, dims):
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["clip_g", "clip_l"]
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert tuple(tensors["clip_l"].shape) == (n_vectors, dims[0]) and tuple(tensors["clip_g"].shape) == (n_vectors, dims[1])
+    assert [tuple(tensors[k].shape) for k in ("clip_l", "clip_g")] == [(n_vectors, d) for d in dims]
     for t in tensors.values():
         assert t.dtype == torch.float32 and t.is_contiguous() and torch.isfinite(t).all()
     return tensors

@@ -9,6 +9,13 @@ What that example keeps on the device, and so what this reference keeps:
     two fp32 AdamW moments, and a cloned copy of the original table (used to restore the
     rows that must not change after each step);
   - UNet and VAE weights in fp16; the VAE encodes the images every step.
+For SDXL the reference is the diffusers SDXL example (examples/textual_inversion/
+textual_inversion_sdxl.py): both text encoders' whole token tables are trainable and in one
+AdamW, each with its cloned original; both encoders' penultimate hidden states make the
+context, the second's projected output is the pooled vector, the time ids are (original size,
+crop top-left, target size) and the VAE encodes every step (scaled by 0.13025). The example
+casts its second text encoder to the weight dtype; here both stay fp32 (the FLOP count is the
+same, the memory a little higher).
 Bench-only: imports diffusers and transformers, which minti itself never does.
 """
 from __future__ import annotations
@@ -85,7 +92,8 @@ def step(ref: Reference, pixels: torch.Tensor, tokens: torch.Tensor, autocast: b
     autocast would make (and keep alive for backward, as the inputs of their matmuls'
     input gradients) are made explicitly and held until after backward."""
     B = pixels.shape[0]
-    latents = ref.vae.encode(pixels.to(torch.float16)).latent_dist.sample().detach() * 0.18215
+    scale = 0.13025 if ref.family == "sdxl" else 0.18215
+    latents = ref.vae.encode(pixels.to(torch.float16)).latent_dist.sample().detach() * scale
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (B,), device=latents.device)
     noisy = latents + noise  # the scheduler's add_noise: same shapes, same lifetimes
@@ -103,7 +111,8 @@ def step(ref: Reference, pixels: torch.Tensor, tokens: torch.Tensor, autocast: b
         context = torch.cat(states, dim=-1).to(torch.float16)
         kwargs = {}
         if ref.family == "sdxl":
-            time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * B, device=latents.device, dtype=torch.float16)
+            H, W = pixels.shape[-2:]  # the example's square crop: original size = target size, crop (0, 0)
+            time_ids = torch.tensor([[H, W, 0, 0, H, W]] * B, device=latents.device, dtype=torch.float16)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(torch.float16), "time_ids": time_ids}
         pred = ref.unet(noisy, t, context, **kwargs).sample
     loss = torch.nn.functional.mse_loss(pred.float(), noise.float())

@@ -8,7 +8,8 @@ On CUDA: the median wall time of a step (torch.cuda.synchronize() before and aft
 after warm-up steps that also autotune the Triton kernels) for minti's step (bench/memory.py's
 minti_step: cached latents, fp16 weights, fp32 vectors, the chosen memory plan) and for the
 reference loop (bench/reference.py: the diffusers example with fp16 autocast, VAE encode
-every step, AdamW over the whole embedding table). Target: minti/reference <= 0.6.
+every step, AdamW over the whole embedding table; for --model sdxl the diffusers SDXL example,
+both tables in AdamW). Target: minti/reference <= 0.6.
 
 With --device cpu (resolution 256 unless given): FLOPs as below, then the median wall time of
 a step of minti (plan fast) and of the reference, both in float32 on the CPU, after warm-up,

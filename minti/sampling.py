@@ -152,6 +152,36 @@ def generate(sd, prompts: list[str], *, extra: list[torch.Tensor] | None = None,
     return run(guided_model(sd.unet, context, y, guidance), noise, steps, sd.prediction)
 
 
+HOST = torch.device("cpu")  # where the UNet and text encoders wait while the VAE decodes
+
+
+@torch.no_grad()
+def decode(sd, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B,C,h,w] (as generate returns them) -> pixels [B,3,H,W] float32 on the CPU, in [-1,1].
+
+    The VAE decodes one image at a time while the UNet and the text encoders wait on the host,
+    and an offloaded VAE (training) is on the device only for this. Why: SDXL's VAE runs in fp32
+    (it overflows in fp16) and its decoder's activations at 1024² are several times what a training
+    step adds to the UNet and text encoder weights; without those weights on the device the decode
+    needs less than the training step (bench/RESULTS.md has the modelled numbers)."""
+    denoisers = [m for m in (sd.unet, *sd.text_encoders) if m is not None]
+    vae_was_offloaded = sd.vae is None
+    for module in denoisers:
+        module.to(HOST)
+    try:
+        if vae_was_offloaded:
+            sd.restore_vae(sd.device)
+        try:
+            pixels = torch.cat([sd.decode_latents(z.unsqueeze(0)).float().cpu() for z in latents])
+        finally:
+            if vae_was_offloaded:
+                sd.offload_vae()
+    finally:
+        for module in denoisers:
+            module.to(sd.device)
+    return pixels
+
+
 def to_pil(pixels: torch.Tensor) -> list:
     """[B,3,H,W] in [-1,1] -> PIL images."""
     from PIL import Image

@@ -274,3 +274,69 @@ def single_file_from_diffusers(folder: Path, path: Path, dtype: torch.dtype = to
         kw = {"layout": spec.layout} if spec.layout else {}
         out.update({spec.prefix + k: v for k, v in to_single_file(spec.component, src, **kw).items()})
     return write_single_file(path, out, dtype)
+
+
+# ---- full-width files, streamed (the SDXL UNet alone is 2.6 B parameters) -------------------------
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+_POOL = 4_000_037  # values per pool; a prime, so no weight row lines up with the pool's period
+
+
+def _write_values(f, key: str, shape: tuple[int, ...], dtype: torch.dtype, pools: dict, normal: torch.Tensor,
+                  gen: torch.Generator) -> None:
+    """Write one weight of a real-size random model, by the rules of _randomize (int position ids as
+    real files). Its values are a window of a pool of normals scaled for its fan-in, read from a
+    random start and wrapped around: 3.5 B fresh draws, scaled and cast one by one, take minutes on a
+    CI core, copying pool bytes to the file is disk speed."""
+    if key.endswith("position_ids"):
+        f.write(torch.arange(shape[-1]).expand(shape).contiguous().numpy().tobytes())
+        return
+    if not shape:  # logit_scale
+        f.write(torch.tensor(math.log(1 / 0.07), dtype=dtype).reshape(1).view(torch.uint8).numpy().tobytes())
+        return
+    if len(shape) == 1:
+        base, scale = (1.0 if key.endswith("weight") else 0.0), 0.1
+    else:
+        fan_in = shape[-1] if key.endswith("text_projection") or "embedding" in key else math.prod(shape[1:])
+        base, scale = 0.0, 1 / math.sqrt(fan_in)
+    if (base, scale) not in pools:
+        pools[base, scale] = memoryview((base + scale * normal).to(dtype).view(torch.uint8).numpy().tobytes())
+    pool = pools[base, scale]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    remaining = math.prod(shape) * itemsize
+    at = int(torch.randint(0, _POOL, (1,), generator=gen)) * itemsize
+    while remaining:
+        chunk = pool[at:at + remaining]
+        f.write(chunk)
+        remaining -= len(chunk)
+        at = 0
+
+
+def make_full_width_file(path: Path, family: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A real-size single file of `family` with every key and shape of tests/layouts/<family>.tsv and
+    random weights in `dtype`, written one tensor at a time (safetensors' own writer needs the whole
+    state dict in memory at once: 7 GB for SDXL in bf16)."""
+    layout = read_layout(MANIFEST[family])
+    gen = torch.Generator().manual_seed(seed)
+    normal = torch.randn(_POOL, generator=gen)
+    keys = sorted(layout)
+    header, offset = {}, 0
+    for key in keys:
+        tdtype = torch.int64 if key.endswith("position_ids") else dtype
+        nbytes = math.prod(layout[key]) * torch.empty((), dtype=tdtype).element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[tdtype], "shape": list(layout[key]),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pools: dict = {}
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for key in keys:
+            _write_values(f, key, layout[key], dtype, pools, normal, gen)
+    return path

@@ -49,7 +49,7 @@ def register_embeddings(sd, paths: list[str], prompt: str, token: str | None = N
     (one per text encoder: every embedding's rows, in registration order)."""
     import torch
 
-    from minti.training.embedding import load_embedding
+    from minti.training.embedding import load_embedding, mismatch
 
     if token is not None and len(paths) != 1:
         raise UserError("--token names the trigger word of a single --embedding; with several, rename the files")
@@ -60,8 +60,7 @@ def register_embeddings(sd, paths: list[str], prompt: str, token: str | None = N
         except ValueError as e:
             raise UserError(str(e)) from None
         if emb.dims != list(sd.embedding_dims):
-            raise UserError(f"{path} holds {emb.dims}-wide vectors but this {sd.family} model's text encoders are "
-                            f"{list(sd.embedding_dims)}: use an embedding trained for {sd.family}")
+            raise UserError(f"--embedding {mismatch(path, emb, sd)}")
         word = emb.token
         if token is None and not word.startswith("<") and f"<{word}>" in prompt:
             word = f"<{word}>"  # our files are <name>.pt for the token <name>
@@ -84,8 +83,6 @@ def _next_index(out: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from minti import atomic
     from minti import sampling as smp
     from minti.cli.train import load_model, setup_logging
@@ -119,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
     size = native_size or sd.default_size
     height, width = args.height or size, args.width or size
     try:
-        smp.latent_shape(sd, height, width)
+        shape = smp.latent_shape(sd, height, width)
     except ValueError as e:
         raise UserError(f"--width/--height: {e}") from None
+    sd.offload_vae()  # sampling needs only the UNet and text encoders; smp.decode brings it back
     out = Path(args.out or Path("runs") / "samples")
     out.mkdir(parents=True, exist_ok=True)
     seed = 0 if args.seed is None else args.seed
@@ -131,9 +129,8 @@ def run(args: argparse.Namespace) -> int:
         seeds = list(range(seed + start, seed + min(n, start + batch)))
         latents = smp.generate(sd, [args.prompt] * len(seeds), extra=extra, negative=args.negative or "",
                                steps=steps, guidance=guidance, seeds=seeds,
-                               height=height, width=width, method=args.sampler or "ddim")
-        with torch.no_grad():
-            pixels = sd.decode_latents(latents.to(sd.dtype))
+                               height=height, width=width, method=args.sampler or "ddim", shape=shape)
+        pixels = smp.decode(sd, latents)
         for s, image in zip(seeds, smp.to_pil(pixels)):
             path = out / f"{first + len(written):05d}-seed{s}.png"
             atomic.save_png(image, path)

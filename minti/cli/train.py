@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     groups[WHAT].add_argument(
-        "--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x). Without it: the "
+        "--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x, SDXL). Without it: "
+        "the "
         f"demo, {demo.TOKEN} (init {demo.INIT!r}) on weights/{demo.DEMO_IMAGES.name}/ with the tiny "
         f"weights/{demo.DEMO_MODEL.name} at {demo.RESOLUTION} px, {demo.STEPS} steps, batch {demo.BATCH_SIZE}, "
         f"lr {demo.LR:g} {demo.LR_SCHEDULE}, into {demo.OUTPUT}, ending with an init-vs-learned grid; flags given "
@@ -35,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     device = groups[DEVICE]
     device.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     device.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default float16 on cuda, float32 on "
-                        "cpu); the embedding is always trained in float32")
+                        "cpu; SDXL's VAE stays float32 under float16); the embedding is always trained in float32")
     device.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type "
-                        "(SD 2.x 768 models are v)")
+                        "(SD 2.x 768 models are v; SD 1.x and SDXL are eps)")
 
 
 def default_help(field: dataclasses.Field) -> str:
@@ -209,9 +210,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before training there is nothing to save
         print("minti train: interrupted while loading the model; nothing saved", file=sys.stderr)
         return 130
-    if sd.family == "sdxl":
-        logging.getLogger("minti").warning("SDXL training is experimental in this version (two text encoders, "
-                                           "saved as clip_l/clip_g)")
     progress = Progress()
     try:
         emb = train(sd, config, on_step=progress)

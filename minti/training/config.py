@@ -35,13 +35,13 @@ def _field(default: Any, help: str, group: str | None = None, default_help: str 
 class TrainConfig:
     """Everything a training run needs besides the model. Defaults follow A1111 where users expect them."""
     token: str = _field("<concept>", "the new word, e.g. '<my-cat>'; files are named after it without <> "
-                        "(A1111/ComfyUI trigger on the file name)", WHAT,
+                        "(A1111/ComfyUI trigger on the file name; SDXL files hold clip_l and clip_g)", WHAT,
                         default_help="the demo's when no --model is given")
     images: str | Path | None = _field(None, "folder with 3-20 images of the concept (jpg/png/webp/bmp; optional "
                                        "<image>.txt captions for [filewords])", WHAT,
                                        default_help="the demo's when no --model is given")
-    init: str = _field("*", "word(s) whose token vectors start the embedding, e.g. 'cat', or an embedding file "
-                       "to continue from", WHAT)
+    init: str = _field("*", "word(s) whose token vectors start the embedding, e.g. 'cat' (SDXL: each text "
+                       "encoder's own vectors), or an embedding file of the same family to continue from", WHAT)
     vectors: int | None = _field(None, "vectors per token, 1-75 (more = more capacity, more prompt space)", WHAT,
                                  default_help="1, or the --init file's count", type=int)
     steps: int = _field(3000, "total optimizer steps, also when resuming", TRAINING, type=int)

@@ -157,11 +157,16 @@ def load_images(folder: str | Path) -> list[SourceImage]:
 
 @dataclass
 class Variant:
-    """One crop/flip of one image, encoded once into the latent cache."""
+    """One crop/flip of one image, encoded once into the latent cache, with what SDXL's size and
+    crop conditioning says about it (SDXL was trained on these, so training uses the real ones)."""
     image: int  # index into the image list
-    top: int  # crop offset in the resized image (SDXL conditions on it)
+    top: int  # crop offset in the resized image
     left: int
     flip: bool
+    original_size: tuple[int, int] = (0, 0)  # (H, W) of the image before resizing
+    # (top, left) of the crop in the resized image; for a mirrored variant `left` is measured in
+    # the mirrored image (its distance from the crop's right edge to the image's), as kohya does
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -254,7 +259,8 @@ class TrainingData:
                     if flip:
                         px = px.flip(-1)
                         a = a.flip(-1) if a is not None else None
-                    pending.append((Variant(index, top, left, flip), px, a))
+                    crop_left = w - r - left if flip else left
+                    pending.append((Variant(index, top, left, flip, self.sizes[index], (top, crop_left)), px, a))
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
                 pixels = torch.stack([px for _, px, _ in chunk]) * 2.0 - 1.0

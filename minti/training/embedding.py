@@ -139,6 +139,37 @@ class Embedding:
             atomic.save_safetensors(data, path, metadata=meta)
 
 
+# ----------------------------------------------------------------------------- families
+
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def family_of(dims: list[int]) -> str | None:
+    """The model family whose text encoders are `dims` wide (the family table's presets), or None."""
+    from minti.loading.families import FAMILIES
+
+    for family in FAMILIES.values():
+        if [family.parts[p].preset.width for p in family.text_parts] == list(dims):
+            return family.name
+    return None
+
+
+def _what(dims: list[int]) -> str:
+    family = family_of(dims)
+    if family is None:
+        return f"{list(dims)}-wide"
+    if len(dims) == 2:
+        return f"{list(dims)}-wide ({FAMILY_LABELS[family]}: clip_l [N, {dims[0]}] + clip_g [N, {dims[1]}])"
+    return f"{list(dims)}-wide ({FAMILY_LABELS[family]})"
+
+
+def mismatch(path: str | Path, emb: Embedding, sd) -> str:
+    """One line for an embedding file whose vectors do not fit the model: what each is and the fix."""
+    label = FAMILY_LABELS.get(sd.family, sd.family)
+    return (f"{path} holds {_what(emb.dims)} vectors but this {label} model needs "
+            f"{_what(list(sd.embedding_dims))}: use an embedding trained for {label}")
+
+
 # ----------------------------------------------------------------------------- loading
 
 

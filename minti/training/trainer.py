@@ -33,7 +33,7 @@ from minti.training import lr_schedules, memory
 from minti.training import templates as tpl
 from minti.training.config import TrainConfig
 from minti.training.data import TrainingData, generator, load_images
-from minti.training.embedding import Embedding, file_stem, load_embedding
+from minti.training.embedding import Embedding, file_stem, load_embedding, mismatch
 from minti.training.run_folder import RunFolder, checkpoint_short_hash, model_identity
 
 log = logging.getLogger("minti")
@@ -135,9 +135,7 @@ def initial_vectors(sd, init: str, n: int | None) -> list[torch.Tensor]:
         except ValueError as e:
             raise UserError(f"--init {init}: {e}") from None
         if emb.dims != list(sd.embedding_dims):
-            raise UserError(f"--init {init} holds {emb.dims}-wide vectors but this {sd.family} model needs "
-                            f"{list(sd.embedding_dims)}: use an embedding trained for the same model family, "
-                            "or init from words")
+            raise UserError(f"--init {mismatch(init, emb, sd)}, or init from words")
         n = n or emb.n_vectors
         return [spread(v, n) for v in emb.vectors]
     n = n or 1
@@ -344,7 +342,7 @@ def _micro_batch_loss(sd, config: TrainConfig, data: TrainingData, vectors: _Vec
     y = None
     if sd.family == "sdxl":
         size = (data.resolution, data.resolution)
-        y = torch.cat([sd.sdxl_vector(pooled[i:i + 1], original_size=data.sizes[v.image], crop=(v.top, v.left),
+        y = torch.cat([sd.sdxl_vector(pooled[i:i + 1], original_size=v.original_size, crop=v.crop_top_left,
                                       target_size=size) for i, v in enumerate(variants)])
     return diffusion.diffusion_loss(sd.unet, latents.to(sd.device), noise, t, context, y,
                                     prediction=sd.prediction, weights=weights, acp=acp)
@@ -394,19 +392,11 @@ def _optimizer_step(sd, config: TrainConfig, data: TrainingData, vectors: _Vecto
 def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prompt: str, data: TrainingData,
              step: int) -> None:
     """Draw the preview image of `step` (always the same seed) into the run folder."""
-    was_offloaded = sd.vae is None
     latents = sampling.generate(sd, [prompt], extra=vectors.extra(detach=True), steps=config.preview_steps,
                                 guidance=config.preview_guidance, seeds=[config.seed],
                                 method=config.preview_sampler, height=data.resolution, width=data.resolution,
                                 shape=tuple(data.latents.shape[1:]))
-    if was_offloaded:
-        sd.restore_vae(sd.device)  # the decoder comes back only for this
-    try:
-        with torch.no_grad():
-            pixels = sd.decode_latents(latents.to(sd.dtype))
-    finally:
-        if was_offloaded:
-            sd.offload_vae()
+    pixels = sampling.decode(sd, latents)  # the VAE comes back for this only, the UNet waits on the host
     atomic.save_png(sampling.to_pil(pixels)[0], folder.preview_path(file_stem(config.token), step))
 
 

@@ -200,3 +200,15 @@ def test_template_files_need_name_and_builtins_are_our_own(tmp_path):
     # not the textual-inversion paper's list that A1111 and the diffusers example ship
     assert "a photo of a [name]" not in tpl.OBJECT and "a painting in the style of [name]" not in tpl.STYLE
     assert tpl.fill("a photo of [name], [filewords]", "<t>") == "a photo of <t>"
+
+
+def test_each_variant_records_sdxls_original_size_and_crop_as_kohya_measures_it(tmp_path):
+    save(tmp_path, "wide.png", np.zeros((96, 192, 3), np.uint8))  # resized to 64x128 for 64 px training
+    data = TrainingData(load_images(tmp_path), 64, ["[name]"], "<t>", crop="random", random_crops=3, flip=True)
+    data.encode(FakeSD())
+    assert {v.original_size for v in data.variants} == {(96, 192)}  # before resizing
+    for v in data.variants:
+        assert v.top == 0 and 0 <= v.left <= 64
+        # a mirrored crop's left edge is the plain crop's distance from the right edge
+        assert v.crop_top_left == ((0, 128 - 64 - v.left) if v.flip else (0, v.left))
+    assert any(v.flip and v.left != 32 for v in data.variants)  # the mirroring is exercised

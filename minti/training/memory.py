@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from minti.errors import UserError
 from minti.training.memtrace import MemoryTracer
@@ -142,6 +142,8 @@ def _forward_flops(func, args, kwargs, out) -> int:
         return flop_registry[packet](*args, **kwargs, out_val=out)
     if str(packet) == "minti.flash_attn_fwd":  # minti's Triton attention: counted like SDPA
         return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+    if str(packet) == "minti.flash_attn_bwd":
+        return sdpa_backward_flop_count(*(a.shape for a in args[:4]))
     return 0
 
 
@@ -332,7 +334,7 @@ _TRACED: dict[tuple, int] = {}
 def refusal(sd, resolution: int, batch_size: int, budget: int) -> UserError:
     """Even `low` does not fit: the numbers, and what would (a smaller resolution, 8-bit weights)."""
     costs = attributed_costs(sd, resolution, batch_size)
-    low = costs.peak(frozenset(range(costs.n_blocks)))
+    low = traced_peak(sd, resolution, batch_size, frozenset(range(costs.n_blocks)))
     message = (f"even --memory low does not fit: one training step at {resolution}px needs "
                f"{need_bytes(low, costs.weights) / GiB:.2f} GiB (modelled peak {low / GiB:.2f} GiB, of which weights "
                f"{costs.weights / GiB:.2f} GiB, x{MARGIN} on the activations + {RESERVE / 2**20:.0f} MiB workspaces) "

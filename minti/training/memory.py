@@ -2,16 +2,16 @@
 
     fast  store every activation the backward needs (frozen convs still keep no input)
     low   recompute every UNet block in backward: keep only block inputs (+1 UNet forward)
-    auto  the cheapest set of blocks (fewest recomputed FLOPs) whose modelled peak fits the
-          budget: free GPU memory, or --vram GiB; on the CPU without --vram always fast
-          (memory is plentiful there, time is not)
+    auto  few recomputed FLOPs whose modelled peak fits the budget (free GPU memory, or --vram
+          GiB): weights + MARGIN x activations + RESERVE <= budget; on the CPU without --vram
+          always fast (memory is plentiful there, time is not)
 
 The model behind auto is one attributed meta trace of the `fast` step (minti.training.memtrace):
 at every op it records the live activation bytes and, per UNet block, the bytes that block
 stored for the backward; recomputing a block removes its bytes from every moment except while
 that block itself runs (forward or backward), where its inside exists again. The same trace
 counts each block's forward FLOPs (its recompute cost). Blocks are ranked once, greedily by
-bytes saved at the peak per FLOP; a budget takes the shortest prefix of that ranking that fits,
+bytes saved at the peak per FLOP (greedy: cheap, not proven cheapest); a budget takes the shortest prefix of that ranking that fits,
 so a larger budget never recomputes more. The chosen plan is then traced for real and
 lengthened until the trace fits too, so the peak it reports is the one it claimed.
 """

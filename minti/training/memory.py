@@ -11,8 +11,8 @@ at every op it records the live activation bytes and, per UNet block, the bytes 
 stored for the backward; recomputing a block removes its bytes from every moment except while
 that block itself runs (forward or backward), where its inside exists again. The same trace
 counts each block's forward FLOPs (its recompute cost). Blocks are ranked once, greedily by
-bytes saved at the peak per FLOP (greedy: cheap, not proven cheapest); a budget takes the shortest prefix of that ranking that fits,
-so a larger budget never recomputes more. The chosen plan is then traced for real and
+bytes saved at the peak per FLOP (cheap, not proven cheapest); a budget takes the shortest
+prefix of that ranking that fits, so a larger budget never recomputes more. The chosen plan is then traced for real and
 lengthened until the trace fits too, so the peak it reports is the one it claimed.
 """
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Peak memory of one textual-inversion training step: minti vs the diffusers example.
 
     python bench/memory.py --model sd15 --resolution 512 [--batch-size 1] [--memory low|fast] [--json] [--profile]
+    python bench/memory.py --model sdxl --resolution 1024 --vram 8 --json --no-reference
+
+--vram GiB: the plan --memory auto chooses for a card with that much free (on CUDA too, instead
+of the free memory); without CUDA the reported peak is then the chosen plan's confirming meta trace.
 
 On CUDA: torch.cuda.max_memory_allocated around one full step (text encoder forward and
 backward, UNet forward and backward, optimizer step), after a warm-up step, weights included.
@@ -22,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
 
+from minti.errors import UserError  # noqa: E402
 from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss  # noqa: E402
 from minti.training import memory  # noqa: E402
 from minti.training.memtrace import MemoryTracer  # noqa: E402
@@ -72,7 +77,8 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, 
     return tracer.peak_bytes, None, lines
 
 
-def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
+                vram: float | None = None):
     """minti set up as minti.train sets it up (bench/step.py times the same step)
     -> (step, plan, sd, the tensors that exist before the step)."""
     sd = random_model(family, torch.float16, device)
@@ -80,17 +86,33 @@ def build_minti(family: str, resolution: int, batch: int, mode: str, device: tor
     sd.add_placeholder("<bench>", 1)
     vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]
     optimizer = torch.optim.AdamW(vectors, lr=5e-3, weight_decay=0.0)
-    plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch)
+    plan = memory.apply(sd, mode, resolution=resolution, batch_size=batch, vram_gib=vram).name
     latents = torch.zeros(batch, 4, resolution // 8, resolution // 8, device=device, dtype=sd.dtype)
     acp = alphas_cumprod().to(device, torch.float32)
     step = lambda: minti_step(sd, vectors, optimizer, latents, PROMPT, acp)  # noqa: E731
     return step, plan, sd, [*vectors, latents, acp]
 
 
-def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
-    step, plan, sd, tensors = build_minti(family, resolution, batch, mode, device)
+def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
+              vram: float | None = None):
+    step, _, sd, tensors = build_minti(family, resolution, batch, mode, device, vram)
+    plan = memory.apply(sd, mode, resolution, batch, vram)  # the same plan again, from memory's caches
+    if device.type == "meta" and vram is not None:  # the planner has just traced this very step
+        return plan.peak, None, [], plan
     peak, first, breakdown = measure(step, [sd.unet, *sd.text_encoders], tensors, device)
     return peak, first, breakdown, plan
+
+
+def plan_fields(plan: memory.Plan, family: str, resolution: int, batch: int) -> dict:
+    """The plan as the RESULTS.md table reads it: blocks, extra GFLOP, recompute as a share of low's."""
+    sd = random_model(family, torch.float16, "meta")
+    costs = memory.attributed_costs(sd, resolution, batch)
+    return {"memory_plan": plan.name, "recompute_blocks": sorted(plan.recompute), "n_blocks": plan.n_blocks,
+            "modelled_peak_gib": None if plan.peak is None else round(plan.peak / GiB, 3),
+            "budget_gib": None if plan.budget is None else round(plan.budget / GiB, 3),
+            "extra_gflop": round(plan.extra_flops / 1e9, 1),
+            "recompute_of_low": round(plan.extra_flops / sum(costs.flops), 3),
+            "unet_step_gflop": round(costs.unet_step_flops / 1e9, 1), "plan_line": plan.describe()}
 
 
 def run_reference(family: str, resolution: int, batch: int, device: torch.device):
@@ -119,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--memory", choices=("auto", "low", "fast"), default="auto", help="minti's memory plan")
+    p.add_argument("--vram", type=float, default=None, metavar="GiB", help="plan auto for a card with this much free")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers-example reference")
     p.add_argument("--profile", action="store_true", help="print which tensors are alive at minti's peak")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -127,12 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "meta")
     family = FAMILIES[args.model]
     start = time.time()
-    peak, first, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device)
+    try:
+        peak, first, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device,
+                                                 args.vram)
+    except UserError as e:  # the budget is too small even for low: what the trainer would say
+        print(f"minti      {args.model} {args.resolution}² refused: {e}")
+        write_result({"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
+                      "memory_plan": "refused", "budget_gib": args.vram, "refusal": str(e)}, start,
+                     f"memory-{args.model}-{args.resolution}-{args.memory}-{args.vram:g}gib.json", args.json)
+        return 0
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "meta (modelled, no GPU)",
               "method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "meta trace of live tensors",
-              "memory_plan": plan, "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
-    print(f"minti      {args.model} {args.resolution}² batch {args.batch_size} plan {plan}: {peak / GiB:.3f} GiB")
+              "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
+    if plan.peak is not None:
+        result.update(plan_fields(plan, family, args.resolution, args.batch_size))
+    else:
+        result["memory_plan"] = plan.name
+    print(f"minti      {args.model} {args.resolution}² batch {args.batch_size} plan {plan.name}: {peak / GiB:.3f} GiB")
+    print(f"minti      {plan.describe()}")
     if first is not None:
         result.update(first_step_peak_bytes=first, first_step_peak_gib=round(first / GiB, 3))
         print(f"minti      first step (kernels compiled and tuned, optimizer state allocated): {first / GiB:.3f} GiB")
@@ -147,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref_first is not None:
             result.update(reference_first_step_peak_bytes=ref_first)
         print(f"reference  (diffusers example loop): {ref_peak / GiB:.3f} GiB   minti/reference = {peak / ref_peak:.2f}")
-    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}.json", args.json)
+    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}{'' if args.vram is None else f'-{args.vram:g}gib'}.json", args.json)
     return 0
 
 

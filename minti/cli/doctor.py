@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the family's)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                         help="the dtype training would use (default float16)")
+    parser.add_argument("--vram", type=float, default=None, metavar="GiB",
+                        help="plan the memory for a card with this much free (default: this GPU's free memory)")
 
 
 def _versions() -> list[str]:
@@ -119,25 +121,32 @@ def _self_test(family: str, resolution: int, device: torch.device, dtype: torch.
     return lines, ok
 
 
-def _memory_plans(path: str, resolution: int, device: torch.device, dtype: torch.dtype) -> tuple[list[str], str]:
+def _memory_plans(path: str, resolution: int, device: torch.device, dtype: torch.dtype,
+                  vram_gib: float | None = None) -> tuple[list[str], str]:
+    from minti.errors import UserError
     from minti.loading.pipeline import load
     from minti.training import memory
 
     sd = load(path, dtype=dtype, device="meta")
     resolution = resolution or _default_resolution(sd.family)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    weights = memory._weight_bytes(sd)
-    lines = [f"model       {path}: {sd.family}, {sd.prediction}, {resolution}px, batch 1"]
-    peaks = {}
-    for plan in ("fast", "low"):
-        peaks[plan] = memory.estimate_step_bytes(sd, resolution, 1, checkpointing=plan == "low")
-        fits = "" if free is None else (" fits" if peaks[plan] * memory.MARGIN <= free else " does NOT fit")
-        lines.append(f"plan {plan:<6} modelled peak {peaks[plan] / 2**30:.2f} GiB{fits}"
-                     + ("" if free is None else f" in {free / 2**30:.2f} GiB free (x{memory.MARGIN} margin)"))
+    free = int(vram_gib * memory.GiB) if vram_gib is not None else (
+        torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None)
+    costs = memory.attributed_costs(sd, resolution, 1)
+    lines = [f"model       {path}: {sd.family}, {sd.prediction}, {resolution}px, batch 1 "
+             f"(attributed trace {costs.seconds:.1f} s)"]
+    for name, blocks in (("fast", frozenset()), ("low", frozenset(range(costs.n_blocks)))):
+        peak = costs.peak(blocks)
+        need = memory.need_bytes(peak, costs.weights)
+        fits = "" if free is None else (" fits" if need <= free else " does NOT fit") + f" in {free / 2**30:.2f} GiB free"
+        lines.append(f"plan {name:<6} modelled peak {peak / 2**30:.2f} GiB{fits} (needs {need / 2**30:.2f} GiB: "
+                     f"x{memory.MARGIN} on the activations + {memory.RESERVE / 2**20:.0f} MiB)")
     if free is None:
-        auto = "fast (on the CPU auto always takes fast)"
-    else:  # as memory._choose decides once the weights are loaded: activations against what is left
-        auto = "fast" if (peaks["fast"] - weights) * memory.MARGIN <= free - weights else "low"
+        auto = "fast (no GPU memory to plan against; pass --vram GiB to see the plan for a card)"
+    else:
+        try:
+            auto = memory.choose(sd, resolution, 1, free).describe().removeprefix("memory: ")
+        except UserError as e:
+            auto = f"nothing: {e}"
     lines.append(f"plan auto   would choose {auto}")
     return lines, sd.family
 
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     lines.append("backends    " + kernels.describe_backends(device, dtype))
     family = "sd1"
     if args.model:
-        plan_lines, family = _memory_plans(args.model, args.resolution, device, dtype)
+        plan_lines, family = _memory_plans(args.model, args.resolution, device, dtype, args.vram)
         lines += plan_lines
     print("\n".join(lines), flush=True)
     resolution = args.resolution or _default_resolution(family)

@@ -124,6 +124,25 @@ def load_model(model: str, device: str | None, dtype: str | None, prediction: st
     return minti.load(model, dtype=getattr(torch, dtype), device=device, prediction=prediction)
 
 
+def refuse_if_memory_cannot_fit(load: dict, config: TrainConfig) -> None:
+    """Plan --memory auto from the checkpoint's shapes (a meta load reads headers only) before the
+    weights go onto the GPU, so that a card even --memory low cannot fit is refused with the
+    numbers and what would fit, instead of running out of memory later."""
+    import torch
+
+    import minti
+    from minti.training import memory
+
+    device = load["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if config.memory != "auto" or (config.vram is None and not on_cuda) or not Path(load["model"]).exists():
+        return
+    dtype = load["dtype"] or ("float16" if device.startswith("cuda") else "float32")
+    meta = minti.load(load["model"], dtype=getattr(torch, dtype), device="meta", prediction=load["prediction"])
+    budget = int(config.vram * 2**30) if config.vram is not None else torch.cuda.mem_get_info(torch.device(device))[0]
+    memory.choose(meta, config.resolution or meta.default_size, config.batch_size, budget)
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -205,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
               f"{load['model']}, {config.steps} steps, into {config.output}; pass --model to train your own",
               file=sys.stderr)
     started = time.perf_counter()
+    refuse_if_memory_cannot_fit(load, config)
     try:
         sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"])
     except KeyboardInterrupt:  # before training there is nothing to save

@@ -13,8 +13,9 @@ Shape of the network (LDM's openaimodel.UNetModel):
 Every entry of the three block lists is a `Block` called as block(h, emb, context).
 
 Memory (textual inversion trains through this network with every weight frozen): convs
-are ops.Conv2d, which keep no input for a weight gradient; with `checkpointing = True`
-each block keeps only its input and recomputes its inside during backward.
+are ops.Conv2d, which keep no input for a weight gradient; each block whose index is in
+`recompute` (numbered input_blocks 0.., then middle_block, then output_blocks) keeps only its
+input and recomputes its inside during backward (minti.training.memory chooses which).
 """
 from __future__ import annotations
 
@@ -278,7 +279,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        self.checkpointing = False  # recompute each block in backward instead of storing it
+        self.recompute: frozenset[int] = frozenset()  # blocks recomputed in backward instead of stored
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -337,20 +338,32 @@ class UNet(nn.Module):
                 raise ValueError("this UNet (SDXL) needs y: see sdxl_conditioning_vector")
             emb = emb + self.label_emb(y.to(dtype))
         h, context = x.to(dtype), context.to(dtype)
-        run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else self._direct
+        recompute = self.recompute if torch.is_grad_enabled() else frozenset()
+
+        def run(index: int, block: Block, h: torch.Tensor) -> torch.Tensor:
+            if index in recompute:
+                return checkpoint(block, h, emb, context, use_reentrant=False)
+            return block(h, emb, context)
+
         skips = []
-        for block in self.input_blocks:
-            h = run(block, h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            h = run(i, block, h)
             skips.append(h)
-        h = run(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
-            h = run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        h = run(len(self.input_blocks), self.middle_block, h)
+        for i, block in enumerate(self.output_blocks, start=len(self.input_blocks) + 1):
+            h = run(i, block, torch.cat([h, skips.pop()], dim=1))
         return self.out(h)
 
-    @staticmethod
-    def _direct(block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return block(h, emb, context)
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block in the numbering `recompute` uses: input_blocks, middle_block, output_blocks."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
-    @staticmethod
-    def _checkpointed(block: Block, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return checkpoint(block, h, emb, context, use_reentrant=False)
+    @property
+    def checkpointing(self) -> bool:
+        """True when every block is recomputed (the `low` plan)."""
+        return len(self.recompute) == len(self.blocks)
+
+    @checkpointing.setter
+    def checkpointing(self, every_block: bool) -> None:
+        self.recompute = frozenset(range(len(self.blocks))) if every_block else frozenset()

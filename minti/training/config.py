@@ -87,8 +87,11 @@ class TrainConfig:
     overwrite: bool = _field(False, "start a new run in an --output folder that already holds one", OUTPUT,
                              action="store_true")
     memory: str = _field("auto", "low: recompute each UNet block in backward (least VRAM, ~30% slower); fast: "
-                         "store activations; auto: fast when it fits in free GPU memory, else low", DEVICE,
+                         "store activations; auto: recompute the fewest UNet blocks that fit the free GPU memory (or --vram)", DEVICE,
                          choices=("auto", "low", "fast"))
+    vram: float | None = _field(None, "GiB the training step may use: --memory auto plans against this instead of "
+                                "the free GPU memory (also on the CPU, to see the plan)", DEVICE,
+                                default_help="the free GPU memory", type=float, metavar="GiB")
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))

@@ -424,7 +424,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
         lr_at = lr_schedules.make_lr_schedule(config.lr, config.lr_schedule, config.steps, config.warmup_steps)
         templates = tpl.load_templates(config.template)
         resolution = training_resolution(sd, config)
-        memory.apply(sd, config.memory, resolution, config.batch_size)
+        log.info(memory.apply(sd, config.memory, resolution, config.batch_size, config.vram).describe())
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
     if state is None and folder is not None:

@@ -1,6 +1,7 @@
 """Peak memory of one textual-inversion training step: minti vs the diffusers example.
 
-    python bench/memory.py --model sd15 --resolution 512 [--batch-size 1] [--memory low|fast] [--json] [--profile]
+    python bench/memory.py --model sd15 --resolution 512 [--batch-size 1] [--memory low|fast] [--weights fp8]
+                           [--json] [--profile]
 
 On CUDA: torch.cuda.max_memory_allocated around one full step (text encoder forward and
 backward, UNet forward and backward, optimizer step), after a warm-up step, weights included.
@@ -72,10 +73,11 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, 
     return tracer.peak_bytes, None, lines
 
 
-def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
+def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
+                weights: str | None = None):
     """minti set up as minti.train sets it up (bench/step.py times the same step)
-    -> (step, plan, sd, the tensors that exist before the step)."""
-    sd = random_model(family, torch.float16, device)
+    -> (step, plan, sd, the tensors that exist before the step). weights: None or "fp8" (minti.load's)."""
+    sd = random_model(family, torch.float16, device, weights=weights)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
     sd.add_placeholder("<bench>", 1)
     vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]
@@ -87,8 +89,9 @@ def build_minti(family: str, resolution: int, batch: int, mode: str, device: tor
     return step, plan, sd, [*vectors, latents, acp]
 
 
-def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device):
-    step, plan, sd, tensors = build_minti(family, resolution, batch, mode, device)
+def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
+              weights: str | None = None):
+    step, plan, sd, tensors = build_minti(family, resolution, batch, mode, device, weights)
     peak, first, breakdown = measure(step, [sd.unet, *sd.text_encoders], tensors, device)
     return peak, first, breakdown, plan
 
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--memory", choices=("auto", "low", "fast"), default="auto", help="minti's memory plan")
+    p.add_argument("--weights", choices=("fp8",), default=None, help="minti's frozen weights in fp8 (minti.load's "
+                   "weights=); default float16")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers-example reference")
     p.add_argument("--profile", action="store_true", help="print which tensors are alive at minti's peak")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -127,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "meta")
     family = FAMILIES[args.model]
     start = time.time()
-    peak, first, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device)
+    peak, first, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device,
+                                             args.weights)
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "meta (modelled, no GPU)",
               "method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "meta trace of live tensors",
-              "memory_plan": plan, "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
+              "memory_plan": plan, "weights": args.weights or "float16", "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
     print(f"minti      {args.model} {args.resolution}² batch {args.batch_size} plan {plan}: {peak / GiB:.3f} GiB")
     if first is not None:
         result.update(first_step_peak_bytes=first, first_step_peak_gib=round(first / GiB, 3))
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if ref_first is not None:
             result.update(reference_first_step_peak_bytes=ref_first)
         print(f"reference  (diffusers example loop): {ref_peak / GiB:.3f} GiB   minti/reference = {peak / ref_peak:.2f}")
-    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}.json", args.json)
+    suffix = f"-{args.weights}" if args.weights else ""
+    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}{suffix}.json", args.json)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Peak memory of one textual-inversion training step: minti vs the diffusers example.
 
-    python bench/memory.py --model sd15 --resolution 512 [--batch-size 1] [--memory low|fast] [--json] [--profile]
+    python bench/memory.py --model sd15 --resolution 512 [--batch-size 1] [--memory low|fast] [--weights fp8]
+                           [--json] [--profile]
     python bench/memory.py --model sdxl --resolution 1024 --vram 8 --json --no-reference
 
 --vram GiB: the plan --memory auto chooses for a card with that much free (on CUDA too, instead
@@ -78,10 +79,10 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, 
 
 
 def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
-                vram: float | None = None):
+                vram: float | None = None, weights: str | None = None):
     """minti set up as minti.train sets it up (bench/step.py times the same step)
-    -> (step, plan, sd, the tensors that exist before the step)."""
-    sd = random_model(family, torch.float16, device)
+    -> (step, plan, sd, the tensors that exist before the step). weights: None or "fp8" (minti.load's)."""
+    sd = random_model(family, torch.float16, device, weights=weights)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
     sd.add_placeholder("<bench>", 1)
     vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]
@@ -94,8 +95,8 @@ def build_minti(family: str, resolution: int, batch: int, mode: str, device: tor
 
 
 def run_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
-              vram: float | None = None):
-    step, _, sd, tensors = build_minti(family, resolution, batch, mode, device, vram)
+              vram: float | None = None, weights: str | None = None):
+    step, _, sd, tensors = build_minti(family, resolution, batch, mode, device, vram, weights)
     plan = memory.apply(sd, mode, resolution, batch, vram)  # the same plan again, from memory's caches
     if device.type == "meta" and vram is not None:  # the planner has just traced this very step
         return plan.peak, None, [], plan
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--memory", choices=("auto", "low", "fast"), default="auto", help="minti's memory plan")
     p.add_argument("--vram", type=float, default=None, metavar="GiB", help="plan auto for a card with this much free")
+    p.add_argument("--weights", choices=("fp8",), default=None, help="minti's frozen weights in fp8 (minti.load's "
+                   "weights=); default float16")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers-example reference")
     p.add_argument("--profile", action="store_true", help="print which tensors are alive at minti's peak")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         peak, first, breakdown, plan = run_minti(family, args.resolution, args.batch_size, args.memory, device,
-                                                 args.vram)
+                                                 args.vram, args.weights)
     except UserError as e:  # the budget is too small even for low: what the trainer would say
         print(f"minti      {args.model} {args.resolution}² refused: {e}")
         write_result({"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "meta (modelled, no GPU)",
               "method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "meta trace of live tensors",
-              "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
+              "weights": args.weights or "float16", "peak_bytes": peak, "peak_gib": round(peak / GiB, 3)}
     if plan.peak is not None:
         result.update(plan_fields(plan, family, args.resolution, args.batch_size))
     else:
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if ref_first is not None:
             result.update(reference_first_step_peak_bytes=ref_first)
         print(f"reference  (diffusers example loop): {ref_peak / GiB:.3f} GiB   minti/reference = {peak / ref_peak:.2f}")
-    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}{'' if args.vram is None else f'-{args.vram:g}gib'}.json", args.json)
+    suffix = ("" if args.vram is None else f"-{args.vram:g}gib") + (f"-{args.weights}" if args.weights else "")
+    write_result(result, start, f"memory-{args.model}-{args.resolution}-{args.memory}{suffix}.json", args.json)
     return 0
 
 

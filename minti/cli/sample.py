@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                         help="default float16 on cuda, float32 on cpu")
     parser.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the prediction type")
+    from minti.cli.train import WEIGHTS, WEIGHTS_HELP
+
+    parser.add_argument("--weights", choices=WEIGHTS, default=None, help=WEIGHTS_HELP)
 
 
 def register_embeddings(sd, paths: list[str], prompt: str, token: str | None = None) -> list:
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     for path in args.embedding or []:
         if not Path(path).exists():
             raise UserError(f"--embedding {path} does not exist: check the path")
-    sd = load_model(model, args.device, args.dtype, args.prediction)
+    sd = load_model(model, args.device, args.dtype, args.prediction, args.weights)
     extra = register_embeddings(sd, args.embedding or [], args.prompt, args.token)
     size = native_size or sd.default_size
     height, width = args.height or size, args.width or size

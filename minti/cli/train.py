@@ -19,6 +19,10 @@ from minti.errors import UserError
 from minti.training.config import DEVICE, GROUPS, WHAT, TrainConfig, known_fields
 
 DTYPES = ("float16", "bfloat16", "float32")
+WEIGHTS = ("dtype", "fp8")  # --weights: "dtype" stores every weight in --dtype (minti.load's weights=None)
+WEIGHTS_HELP = ("how the frozen UNet and text-encoder Linear/Conv weights are stored: fp8 keeps them in 8 bits "
+                "(a scale per output channel), widened to --dtype one layer at a time; the VAE, norms and "
+                "embeddings stay in --dtype (default dtype)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "cpu; SDXL's VAE stays float32 under float16); the embedding is always trained in float32")
     device.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type "
                         "(SD 2.x 768 models are v; SD 1.x and SDXL are eps)")
+    device.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP + "; --resume keeps the run's")
 
 
 def default_help(field: dataclasses.Field) -> str:
@@ -71,7 +76,7 @@ def add_config_flags(groups: dict) -> None:
 
 
 def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
-    """-> (load settings {model, device, dtype, prediction, demo}, TrainConfig)."""
+    """-> (load settings {model, device, dtype, prediction, weights, demo}, TrainConfig)."""
     from minti.demo import demo
     from minti.training.embedding import file_stem
     from minti.training.run_folder import RunFolder
@@ -85,13 +90,14 @@ def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
         demo.require()
         given = {**demo.train_defaults(), **given, "model": str(demo.DEMO_MODEL)}
     load = {"model": given.get("model"), "device": given.get("device"), "dtype": given.get("dtype"),
-            "prediction": given.get("prediction"), "demo": is_demo}
+            "prediction": given.get("prediction"), "weights": given.get("weights"), "demo": is_demo}
     if args.resume is not None:
         record = RunFolder(args.resume).read_config()
         # where to write and whether to start over are this command's, not the saved run's
         saved = {k: v for k, v in record["config"].items() if k not in ("resume", "overwrite", "output")}
         load["model"] = load["model"] or record.get("model")
         load["dtype"] = load["dtype"] or record.get("dtype")
+        load["weights"] = load["weights"] or record.get("weights")  # a run trained on fp8 weights goes on in fp8
         if "prediction" in record.get("identity", {}) and load["prediction"] is None:
             load["prediction"] = record["identity"]["prediction"]
         load["demo"] = demo.is_demo_model(load["model"])  # a resumed demo run ends with the grid too
@@ -110,7 +116,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     return load, TrainConfig(**values)
 
 
-def load_model(model: str, device: str | None, dtype: str | None, prediction: str | None):
+def load_model(model: str, device: str | None, dtype: str | None, prediction: str | None,
+               weights: str | None = None):
     import torch
 
     import minti
@@ -121,7 +128,8 @@ def load_model(model: str, device: str | None, dtype: str | None, prediction: st
     dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     if not Path(model).exists():
         raise UserError(f"--model {model} does not exist: pass a .safetensors/.ckpt file or a diffusers folder")
-    return minti.load(model, dtype=getattr(torch, dtype), device=device, prediction=prediction)
+    return minti.load(model, dtype=getattr(torch, dtype), device=device, prediction=prediction,
+                      weights=None if weights in (None, "dtype") else weights)
 
 
 def refuse_if_memory_cannot_fit(load: dict, config: TrainConfig) -> None:
@@ -138,7 +146,9 @@ def refuse_if_memory_cannot_fit(load: dict, config: TrainConfig) -> None:
     if config.memory != "auto" or (config.vram is None and not on_cuda) or not Path(load["model"]).exists():
         return
     dtype = load["dtype"] or ("float16" if device.startswith("cuda") else "float32")
-    meta = minti.load(load["model"], dtype=getattr(torch, dtype), device="meta", prediction=load["prediction"])
+    weights = None if load.get("weights") in (None, "dtype") else load["weights"]
+    meta = minti.load(load["model"], dtype=getattr(torch, dtype), device="meta", prediction=load["prediction"],
+                      weights=weights)
     budget = int(config.vram * 2**30) if config.vram is not None else torch.cuda.mem_get_info(torch.device(device))[0]
     memory.choose(meta, config.resolution or meta.default_size, config.batch_size, budget)
 
@@ -226,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     refuse_if_memory_cannot_fit(load, config)
     try:
-        sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"])
+        sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"], load["weights"])
     except KeyboardInterrupt:  # before training there is nothing to save
         print("minti train: interrupted while loading the model; nothing saved", file=sys.stderr)
         return 130

@@ -182,9 +182,21 @@ def _grid(rows: list[tuple[str, list]], scale: int = 2):
     return out
 
 
+def full_precision(sd):
+    """The model the embedding is evaluated with: `sd` itself, or, when it was trained on fp8
+    weights, the same checkpoint loaded again with every weight in sd.dtype (users draw with the
+    unquantised model; the embedding must work there, not only with the weights it saw)."""
+    import minti
+
+    if getattr(sd, "weights", None) is None:
+        return sd
+    return minti.load(sd.source, dtype=sd.dtype, device=sd.device, prediction=sd.prediction)
+
+
 def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evidence:
     """Sample the grid (init row, learned row), score both against config.images, compute the
-    held-out loss of both, and write demo-grid.png and demo-summary.json into `out`."""
+    held-out loss of both, and write demo-grid.png and demo-summary.json into `out`. A model
+    trained on fp8 weights is evaluated with its full-precision weights (full_precision)."""
     import torch
 
     from minti import atomic
@@ -193,6 +205,8 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
     from minti.training.data import TrainingData, load_images
     from minti.training.trainer import initial_vectors, register_token, training_resolution
 
+    trained_on = getattr(sd, "weights", None) or "dtype"
+    sd = full_precision(sd)
     n = learned[0].shape[0]
     init = initial_vectors(sd, config.init, n)
     offset = register_token(sd, config.token, n)  # registered by training; this finds its rows
@@ -233,6 +247,7 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
         atomic.save_png(grid, out / GRID_FILE)
         summary = dict(ev.__dict__, images=str(config.images), token=config.token, init=config.init,
                        train_steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                       trained_weights=trained_on, evaluated_weights="dtype",
                        note="concept score: lower = closer to the concept images (minti.demo.concept_score)")
         atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return ev

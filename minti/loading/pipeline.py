@@ -3,10 +3,11 @@
 CONTRACT (the trainer and the CLI build on exactly these names):
 
     sd = minti.load(path, dtype=torch.float16, device="cuda", prediction=None, ema=False,
-                    components=("unet", "vae", "text"))
+                    components=("unet", "vae", "text"), weights=None)
     sd.family            "sd1" | "sd2" | "sdxl"; its facts: minti.loading.families.FAMILIES[sd.family]
     sd.prediction        "eps" | "v";  sd.prediction_guessed: bool
     sd.dtype, sd.device
+    sd.weights           None | "fp8": how the UNet's and text encoders' Linear/Conv weights are stored
     sd.unet              minti.models.unet.UNet: sd.unet(z_t, t, context, y=None) -> eps or v
     sd.vae               minti.models.vae.AutoencoderKL (may be None after sd.offload_vae())
     sd.vae_scale         0.18215 (SD 1/2) or 0.13025 (SDXL), from the family table
@@ -29,13 +30,19 @@ CONTRACT (the trainer and the CLI build on exactly these names):
     sd.offload_vae() / sd.restore_vae(device)  move the VAE off / back onto the device
     sd.describe() -> dict   family, prediction, prediction_guessed, dtype (the file's), params
                             per part, tokenizers (their source), ignored keys (what `inspect` prints)
-    random_model(family, dtype, device) -> StableDiffusion   real size, random weights, no file
-                                                              (the benchmarks)
+    random_model(family, dtype, device, weights=None) -> StableDiffusion   real size, random weights,
+                                                              no file (the benchmarks)
 
 Loading never holds two copies of a weight: the modules are built on the `meta` device and each
 tensor is read from the memory-mapped file (minti.loading.checkpoint), cast to `dtype`, moved to
 `device` and assigned (`load_state_dict(assign=True, strict=True)`). device="meta" reads no weights
 at all (inspect). Parameters come back frozen (requires_grad=False) and every module is in eval mode.
+
+weights="fp8": the UNet's and text encoders' Linear/Conv weights are stored as float8 with a scale
+per output channel (minti.models.fp8), widened to `dtype` one layer at a time when used. The meta
+modules are switched to their fp8 layers before filling, and each weight is quantised as it is
+read, so the peak while loading is the fp8 model plus one full-precision tensor. The VAE, norms,
+biases and embeddings stay in `dtype`. Never `.to(dtype)` such a module: Module.to widens float8.
 
 Each part's config is its shapes (the models' `from_state_dict`) plus what the weights cannot tell,
 from the family table (minti.loading.families): attention heads and upcast, which hidden layer
@@ -104,11 +111,18 @@ def _match(ckpt: Checkpoint, part: str, module: nn.Module) -> list[str]:
     return list(available)
 
 
-def _fill(ckpt: Checkpoint, part: str, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+def _fill(ckpt: Checkpoint, part: str, module: nn.Module, dtype: torch.dtype, device: torch.device,
+          fp8: bool = False) -> None:
+    """fp8: the module's fp8 layers quantise their weights one tensor at a time as they are read."""
     names = _match(ckpt, part, module)
     if device.type == "meta":
         return
-    module.load_state_dict(dict(ckpt.read(part, names, dtype, device)), strict=True, assign=True)
+    if fp8:
+        from minti.models.fp8 import load_per_tensor
+
+        load_per_tensor(module, ckpt.read(part, names, dtype, device))
+    else:
+        module.load_state_dict(dict(ckpt.read(part, names, dtype, device)), strict=True, assign=True)
     leftover = [n for n, b in module.named_buffers() if b.is_meta]
     if leftover:  # a non-persistent buffer cannot come from the file; the module must not need one
         raise RuntimeError(f"minti bug: {type(module).__name__} buffer {leftover[0]!r} is not in its state dict "
@@ -121,12 +135,14 @@ class StableDiffusion:
     """A loaded checkpoint (see the CONTRACT above). Build it with minti.load."""
 
     def __init__(self, ckpt: Checkpoint, family: str, prediction: str, prediction_guessed: bool,
-                 dtype: torch.dtype, device: torch.device, unet, vae, text_encoders: list, tokenizers: list):
+                 dtype: torch.dtype, device: torch.device, unet, vae, text_encoders: list, tokenizers: list,
+                 weights: str | None = None):
         self.family = family
         self.prediction = prediction
         self.prediction_guessed = prediction_guessed
         self.dtype = dtype
         self.device = device
+        self.weights = weights  # None: Linear/Conv weights in dtype; "fp8": stored in 8 bits
         self.unet = unet
         self.vae = vae
         self._vae_home = vae  # the VAE while offloaded (sd.vae is None then)
@@ -269,7 +285,7 @@ def _tokenizers(ckpt: Checkpoint, configs: list) -> list:
 
 def load(path: str | Path, dtype: torch.dtype | None = torch.float16, device: torch.device | str | None = None,
          prediction: str | None = None, ema: bool = False,
-         components: tuple[str, ...] = PARTS) -> StableDiffusion:
+         components: tuple[str, ...] = PARTS, weights: str | None = None) -> StableDiffusion:
     """Load an SD 1.x / 2.x / XL checkpoint (.safetensors, .ckpt/.pt, or a diffusers folder).
 
     dtype: weights are cast to it while loading (None: keep the file's dtype).
@@ -277,20 +293,36 @@ def load(path: str | Path, dtype: torch.dtype | None = torch.float16, device: to
     prediction: "eps" | "v" to override the guess (the weights cannot tell; see checkpoint.py).
     ema: take the UNet from the file's model_ema.* copy (non-pruned LDM files).
     components: any of "unet", "vae", "text"; skip what you do not need (e.g. after caching latents).
+    weights: None keeps every weight in dtype; "fp8" stores the UNet's and text encoders'
+        Linear/Conv weights in 8 bits, quantised while loading (see the module docstring).
     """
     unknown = set(components) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}: choose from {PARTS}")
     if prediction is not None and prediction not in _PREDICTIONS:
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    _check_weights(weights)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = open_checkpoint(path, ema=ema, prefer_half=dtype in (torch.float16, torch.bfloat16))
-    return from_checkpoint(ckpt, dtype, device, prediction, components)
+    return from_checkpoint(ckpt, dtype, device, prediction, components, weights)
+
+
+def _check_weights(weights: str | None) -> None:
+    if weights not in (None, "fp8"):
+        raise ValueError(f"weights must be None (the compute dtype) or 'fp8', got {weights!r}")
+
+
+def _quantizable(part: str, weights: str | None) -> bool:
+    """Whether `part` stores its Linear/Conv weights in fp8: the UNet and text encoders, never
+    the VAE (it encodes the images once and leaves the device)."""
+    return weights == "fp8" and part != "vae"
 
 
 def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.device,
-                    prediction: str | None = None, components: tuple[str, ...] = PARTS) -> StableDiffusion:
+                    prediction: str | None = None, components: tuple[str, ...] = PARTS,
+                    weights: str | None = None) -> StableDiffusion:
     """Build the models of an opened checkpoint (device "meta": from its shapes alone) and close it."""
+    _check_weights(weights)
     family = FAMILIES[ckpt.family]
     try:
         dtype = dtype if dtype is not None else ckpt.dtype
@@ -307,7 +339,12 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
             except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
                 message = f"{part} shapes do not form a valid {family.name} model ({e})"
                 raise CheckpointError(ckpt.path, message) from None
-            _fill(ckpt, part, module, family.part_dtype(part, dtype), device)
+            fp8 = _quantizable(part, weights)
+            if fp8:
+                from minti.models.fp8 import use_fp8_weights
+
+                use_fp8_weights(module)  # still on meta: the layers quantise what _fill hands them
+            _fill(ckpt, part, module, family.part_dtype(part, dtype), device, fp8)
             modules[part] = module.eval().requires_grad_(False)
         # everything under the part prefixes that no module took is ignored too (other parts, when
         # components= skips them)
@@ -326,18 +363,22 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
     text_parts = [p for p in family.text_parts if p in modules]
     return StableDiffusion(
         ckpt, family.name, pred, guessed, dtype, device, modules.get("unet"), modules.get("vae"),
-        [modules[p] for p in text_parts], _tokenizers(ckpt, [configs[p] for p in text_parts]))
+        [modules[p] for p in text_parts], _tokenizers(ckpt, [configs[p] for p in text_parts]), weights)
 
 
 # ---- real-size models without a checkpoint (benchmarks) ----------------------------------------
 
 def random_model(family: str, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
-                 prediction: str | None = None, seed: int = 0) -> StableDiffusion:
+                 prediction: str | None = None, seed: int = 0, weights: str | None = None) -> StableDiffusion:
     """A real-size model of `family` (the table's presets) with random weights and no file: what
     the benchmarks run (memory and speed do not depend on the values). device="meta" allocates
-    nothing. Without `prediction`, a family that ships v models (SD 2.x) gets v."""
+    nothing. Without `prediction`, a family that ships v models (SD 2.x) gets v. weights="fp8" as
+    in load (quantised from the random full-precision weights, one part at a time)."""
     from types import SimpleNamespace
 
+    from minti.models.fp8 import use_fp8_weights
+
+    _check_weights(weights)
     spec = FAMILIES[family]
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
@@ -348,13 +389,16 @@ def random_model(family: str, dtype: torch.dtype = torch.float16, device: torch.
         if device.type != "meta":
             module = module.to_empty(device=device)
             _random_init(module, generator)
-        modules[part] = module.to(dtype).eval().requires_grad_(False)
+        module = module.to(dtype)  # before use_fp8_weights: Module.to would widen fp8 weights again
+        if _quantizable(part, weights):
+            use_fp8_weights(module)
+        modules[part] = module.eval().requires_grad_(False)
     fake = SimpleNamespace(path=Path(f"<random {family}>"), dtype=dtype, format="random", ignored=[])
     text = [modules[p] for p in spec.text_parts]
     tokenizers = [_openclip_tokenizer(enc.cfg.pad_token_id) for enc in text]
     pred = prediction or ("v" if spec.v_size else "eps")
     return StableDiffusion(fake, family, pred, prediction is None, dtype, device, modules["unet"], modules["vae"],
-                           text, tokenizers)
+                           text, tokenizers, weights)
 
 
 def _openclip_tokenizer(pad_token_id: int):

@@ -36,9 +36,14 @@ from minti.models.vae import AutoencoderKL
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# UNet.forward reads its compute dtype from time_embed.0.weight, so that layer (0.05% of the
-# UNet's weights) keeps it; the entry can go once the UNet reads the dtype from a norm.
-KEEP = ("time_embed.0",)
+# Each channel's largest value is scaled into (232, 464]. Above 448 it saturates to 448, half an
+# fp8 step (16) or less off, within e4m3's rounding bound. At the bottom it rounds to 240 or more,
+# inside the same binade: quantising the widened weight picks the same scale again, byte for
+# byte. With (224, 448] instead, a channel whose largest value rounds down to exactly 224 would
+# get half the scale the second time.
+SCALE_TARGET = 464.0
+KEEP: tuple[str, ...] = ()  # module names use_fp8_weights leaves in full precision by default
+WEIGHTS = (None, "fp8")  # what minti.load(weights=) accepts: None keeps the compute dtype
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +51,8 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     of two) with weight ~= q * scale. Computed in fp32 (one tensor's transient at load time)."""
     w = weight.float()
     amax = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True)
-    # smallest power of two that maps amax into fp8's range; an all-zero channel gets scale 1
-    scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))), torch.ones_like(amax))
+    # smallest power of two that maps amax to SCALE_TARGET or below; an all-zero channel gets scale 1
+    scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / SCALE_TARGET))), torch.ones_like(amax))
     q = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
@@ -132,7 +137,7 @@ def _quantize_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -
         weight = state_dict.get(key)
         if weight is None:
             continue
-        if weight.dtype == FP8:
+        if weight.dtype == FP8 and not weight.is_meta:  # meta: the loader's dry run of a file's shapes
             raise ValueError(f"{key!r} is already fp8 and its scale is not in the state dict: load the "
                              "full-precision weights, they are quantised on load")
         state_dict[key], scale = quantize(weight)
@@ -197,22 +202,29 @@ def use_fp8_weights(model: nn.Module, skip: Iterable[str] = KEEP) -> nn.Module:
 # ---- loading and accounting --------------------------------------------------------------------
 
 def load_per_tensor(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Fill a meta-built model tensor by tensor (assigning, as load_state_dict(assign=True)):
-    each full-precision tensor goes to the module that owns it and is quantised there, so the
-    peak is the fp8 model plus one full-precision tensor. Every key must come exactly once."""
+    """Fill a meta-built model as load_state_dict(strict=True, assign=True) would, from (name,
+    full-precision tensor) pairs read one at a time. Each weight of an fp8 layer goes to its layer
+    as it arrives and is quantised there; the other tensors (norms, biases, embeddings: they stay
+    in full precision anyway) are loaded together at the end by the model's own load_state_dict,
+    so every load hook runs as in a plain load (CLIP's position_ids, OpenCLIP's logit_scale fill
+    what a file lacks). The peak is the fp8 model plus one full-precision tensor, never a second
+    full-precision copy of the fp8 weights. Every key must come exactly once (or be filled by a hook)."""
+    layers = {(f"{name}.{param}" if name else param): module for name, module in model.named_modules()
+              for param in getattr(module, "FP8_PARAMS", ())}
     expected = set(model.state_dict())
     seen: set[str] = set()
+    rest: dict[str, torch.Tensor] = {}
     for name, tensor in tensors:
         if name not in expected or name in seen:
             raise KeyError(f"{name!r}: {'given twice' if name in seen else 'not a key of this model'}")
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        result = owner.load_state_dict({attr: tensor}, strict=False, assign=True)
-        if result.unexpected_keys:
-            raise KeyError(f"{name!r}: not loaded by {type(owner).__name__}")
         seen.add(name)
-        del tensor, result
-    missing = sorted(expected - seen)
+        if name in layers:
+            layers[name].load_state_dict({name.rpartition(".")[2]: tensor}, strict=False, assign=True)
+        else:
+            rest[name] = tensor
+        del tensor  # the quantised copy is the layer's now; the full-precision one dies here
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    missing = sorted(k for k in result.missing_keys if k not in seen)
     if missing:
         raise KeyError(f"{len(missing)} keys never given, e.g. {missing[0]!r}")
 

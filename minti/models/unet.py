@@ -329,7 +329,7 @@ class UNet(nn.Module):
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,in,h,w] latents, t [B] timesteps, context [B,77,context_dim] text,
         y [B,adm_in_channels] for SDXL -> [B,out,h,w] in the weights' dtype."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.out[0].weight.dtype  # a norm: never stored in fp8 (minti.models.fp8)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))

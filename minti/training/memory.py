@@ -158,6 +158,12 @@ def _meta_twin(sd):
         meta.unet = UNet(sd.unet.cfg).to(sd.dtype).requires_grad_(False)
         meta.text_encoders = [build_text_encoder(e.cfg).to(sd.dtype).requires_grad_(False)
                               for e in sd.text_encoders]
+    if getattr(sd, "weights", None) == "fp8":  # the planner must see the bytes the card will hold
+        from minti.models.fp8 import use_fp8_weights
+
+        for module in (meta.unet, *meta.text_encoders):
+            use_fp8_weights(module)
+        meta.weights = "fp8"
     return meta
 
 
@@ -245,8 +251,8 @@ _COSTS: dict[tuple, BlockCosts] = {}
 
 
 def _shape_key(sd, resolution: int, batch_size: int) -> tuple:
-    return (sd.family, sd.prediction, sd.dtype, repr(sd.unet.cfg), tuple(repr(e.cfg) for e in sd.text_encoders),
-            resolution, batch_size)
+    return (sd.family, sd.prediction, sd.dtype, getattr(sd, "weights", None), repr(sd.unet.cfg),
+            tuple(repr(e.cfg) for e in sd.text_encoders), resolution, batch_size)
 
 
 def _rank(costs: BlockCosts) -> list[int]:

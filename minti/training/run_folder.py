@@ -86,7 +86,8 @@ class RunFolder:
         if Path(values["template"]).is_file():
             values["template"] = str(Path(values["template"]).resolve())
         record = {"config": values, "model": str(Path(sd.source).resolve()),
-                  "dtype": str(sd.dtype).removeprefix("torch."), "device": str(sd.device), "identity": identity,
+                  "dtype": str(sd.dtype).removeprefix("torch."), "weights": getattr(sd, "weights", None),
+                  "device": str(sd.device), "identity": identity,
                   "minti": _version()}
         self.path.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")

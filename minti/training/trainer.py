@@ -210,6 +210,13 @@ def kernels_in_use(sd) -> str:
     return kernels.describe_backends(sd.device, sd.dtype, ops.BACKEND)
 
 
+def weight_bytes_line(sd) -> str:
+    """One line: the bytes of each part's frozen weights (and how many are fp8, with --weights fp8)."""
+    from minti.models.fp8 import describe_weight_bytes
+
+    return describe_weight_bytes(sd.parts())
+
+
 def _freeze(sd) -> None:
     # minti.load returns frozen modules; make sure, since a stray requires_grad would make
     # autograd keep a gradient the size of the whole model.
@@ -434,6 +441,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
     preview_prompt = _preview_prompt(config, data.templates)
     log.info(kernels_in_use(sd))  # the input is valid: say how the step will run
+    log.info(weight_bytes_line(sd))
     vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
                        short_hash, _checkpoint_name(sd.source))
     optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,

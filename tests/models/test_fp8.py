@@ -82,7 +82,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_quantize_error_is_within_half_an_fp8_step_of_each_weight(kind):
     """e4m3 keeps 3 mantissa bits: a normal value is off by at most 2^-4 of itself, a subnormal one
     (below 2^-6 * scale) by at most half the smallest step, 2^-10 * scale. Power-of-two scales put
-    each channel's amax in (224, 448], and widening is exact, so the bound holds in every dtype."""
+    each channel's amax in (232, 464] (above 448 it saturates, at most 16 = 3.4% off), and widening
+    is exact, so the bound holds in every dtype."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(256, 512, generator=g) / math.sqrt(512)
     if kind == "heavy_tailed":
@@ -93,7 +94,7 @@ def test_quantize_error_is_within_half_an_fp8_step_of_each_weight(kind):
     assert q.dtype == FP8 and scale.shape == (256, 1)
     assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # powers of two
     amax_in_fp8 = (w.abs().amax(1, keepdim=True) / scale).squeeze()
-    assert ((amax_in_fp8 > 224) & (amax_in_fp8 <= 448)).all()
+    assert ((amax_in_fp8 > 232) & (amax_in_fp8 <= 464)).all()
     bound = torch.maximum(w.abs() * 2 ** -4, scale * 2 ** -10)
     assert ((w - dequantize(q, scale)).abs() <= bound).all()
     for dtype in (torch.float16, torch.bfloat16):
@@ -101,8 +102,12 @@ def test_quantize_error_is_within_half_an_fp8_step_of_each_weight(kind):
 
 
 def test_quantize_is_idempotent_and_keeps_zero_channels():
-    w = torch.randn(8, 16)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 16, generator=g)
     w[3] = 0
+    w[4, 0] = 231 / 64  # largest values at the edges of the binade a channel's scale puts them in
+    w[5, 0] = 448.5 / 64
+    w[6, 0] = 224.5 / 64  # rounds to 224 in fp8 at scale 1/32: the next binade's edge
     q, scale = quantize(w)
     assert scale[3].item() == 1.0 and not dequantize(q, scale)[3].any()
     q2, scale2 = quantize(dequantize(q, scale))
@@ -217,7 +222,6 @@ def test_fp8_unet_passes_gradient_to_the_context_only_and_saves_no_widened_weigh
     assert all(p.grad is None for p in fp8.parameters())
     widened = [(s, d) for s, d in saved if s in weight_shapes and d != FP8]
     fp8_saved = [(s, d) for s, d in saved if d == FP8]
-    # the one exception: time_embed.0 keeps full precision (fp8.KEEP) and its input has no grad
     assert widened == [] and len(fp8_saved) > 50
 
 
@@ -253,9 +257,12 @@ def test_norms_embeddings_biases_and_kept_layers_stay_full_precision():
     with torch.device("meta"):
         unet = use_fp8_weights(UNet(NARROW_SD1))
         clip = use_fp8_weights(build_text_encoder(NARROW_CLIP_L))
+        kept = use_fp8_weights(UNet(NARROW_SD1), skip=("time_embed.0",))
     for name, p in list(unet.named_parameters()) + list(clip.named_parameters()):
-        stays = p.ndim == 1 or "embedding" in name or name.startswith("time_embed.0.")
+        stays = p.ndim == 1 or "embedding" in name  # every Linear/Conv weight, time_embed.0 too
         assert (p.dtype != FP8) == stays, name
+    for name, p in kept.named_parameters():
+        assert (p.dtype != FP8) == (p.ndim == 1 or name.startswith("time_embed.0.")), name
     with torch.device("meta"):
         vae = AutoencoderKL(VAE_SD)
     with pytest.raises(ValueError, match="VAE"):
@@ -296,6 +303,7 @@ def test_per_tensor_loading_fills_a_meta_fp8_model_like_loading_then_quantizing(
             yield name, t.clone()
 
     load_per_tensor(meta, one_at_a_time())
+    meta.requires_grad_(False)  # frozen as the loader leaves it: ops takes the frozen paths in both
     assert not any(t.is_meta for t in list(meta.parameters()) + list(meta.buffers()))
     want = fp8_copy(full)
     for (name, a), b in zip(meta.state_dict().items(), want.state_dict().values()):

@@ -63,9 +63,17 @@ def _torch_path(q: torch.Tensor) -> str:
     return "cpu" if q.device.type == "cpu" else "chunked"
 
 
+def _unit_stride_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # aten's CPU flash attention reads each row of D values as contiguous memory: a tensor whose
+    # last dim is strided (the VAE's [B,C,HW] -> [B,1,HW,C] transpose) must be copied first, or
+    # it reads the wrong elements.
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def _torch_fwd(q, k, v, causal: bool, scale: float):
     path = _torch_path(q)
     if path == "cpu":
+        q, k, v = _unit_stride_rows(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out.contiguous(), lse.float().contiguous()  # lse comes as a [B, Nq, H] transpose
     return _chunked_fwd(q, k, v, causal, scale)
@@ -76,7 +84,7 @@ def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     is the same natural-log lse in fp32 [B, H, Nq] that the "cpu" forward returns."""
     path = _torch_path(q)
     if path == "cpu":
-        do = do.to(q.dtype)
+        do, q, k, v, o = _unit_stride_rows(do.to(q.dtype), q, k, v, o)
         lse = lse.to(_acc_dtype(q.dtype))  # the kernel wants its accumulation dtype (fp64 for fp64)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, causal, scale=scale)

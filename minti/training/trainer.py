@@ -210,6 +210,13 @@ def kernels_in_use(sd) -> str:
     return kernels.describe_backends(sd.device, sd.dtype, ops.BACKEND)
 
 
+def _log_how_it_runs(sd, plan: memory.Plan) -> None:
+    """The memory plan, the path each kernel op takes and the weights' bytes, one line each."""
+    log.info(plan.describe())
+    log.info(kernels_in_use(sd))
+    log.info(weight_bytes_line(sd))
+
+
 def weight_bytes_line(sd) -> str:
     """One line: the bytes of each part's frozen weights (and how many are fp8, with --weights fp8)."""
     from minti.models.fp8 import describe_weight_bytes
@@ -431,7 +438,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
         lr_at = lr_schedules.make_lr_schedule(config.lr, config.lr_schedule, config.steps, config.warmup_steps)
         templates = tpl.load_templates(config.template)
         resolution = training_resolution(sd, config)
-        log.info(memory.apply(sd, config.memory, resolution, config.batch_size, config.vram).describe())
+        plan = memory.apply(sd, config.memory, resolution, config.batch_size, config.vram)
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
     if state is None and folder is not None:
@@ -440,8 +447,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
     preview_prompt = _preview_prompt(config, data.templates)
-    log.info(kernels_in_use(sd))  # the input is valid: say how the step will run
-    log.info(weight_bytes_line(sd))
+    _log_how_it_runs(sd, plan)  # only once the input is valid: a bad flag gets its one error line
     vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
                        short_hash, _checkpoint_name(sd.source))
     optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,

@@ -179,6 +179,16 @@ def test_non_contiguous_inputs_and_output_grad(backend, poisoned):
 
 
 @pytest.mark.parametrize("backend", kt.BACKENDS)
+def test_inputs_whose_head_dim_is_strided_as_in_the_vae(backend, poisoned):
+    # The VAE's one-head attention views [B, C, H*W] as [B, 1, H*W, C]: the head dim is the
+    # strided one, which aten's CPU flash attention cannot read in place.
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(2, 1, 64, 48, generator=g).transpose(2, 3) for _ in range(4))
+    assert all(t.stride(-1) != 1 for t in (q, k, v, do))
+    _check_against_reference(q, k, v, do, False, backend)
+
+
+@pytest.mark.parametrize("backend", kt.BACKENDS)
 def test_forward_saves_only_qkv_output_and_row_lse(backend):
     q, k, v, _ = _inputs(1, 2, 67, 77, 40, torch.float32)
     q.requires_grad_()

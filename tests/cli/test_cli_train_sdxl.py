@@ -44,7 +44,7 @@ def check_sdxl_file(path, n_vectors, dims):
     return tensors
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_full_width_sdxl_single_file_trains_two_steps_through_the_cli(tmp_path, images, capsys):
     # Every key and shape of the real SDXL base file (2.6 B UNet parameters; bf16: 6.9 GB on disk,
     # memory-mapped while loading), random weights; 64 px keeps the step cheap, the widths are real.

@@ -81,7 +81,7 @@ def test_fp8_run_resumes_exactly_where_an_uninterrupted_run_would_be(narrow, tmp
                            straight.vectors[0])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_learns_on_fp8_weights_and_the_embedding_works_unquantised(tmp_path):
     """The full demo (its real settings, the shipped model) trained with --weights fp8, scored with
     the full-precision model: the same margins as tests/demo/test_demo.py's end-to-end test."""

@@ -79,10 +79,10 @@ def measure(fn, modules, extra, device: torch.device) -> tuple[int, int | None, 
 
 
 def build_minti(family: str, resolution: int, batch: int, mode: str, device: torch.device,
-                vram: float | None = None, weights: str | None = None):
+                vram: float | None = None, weights: str | None = None, dtype: torch.dtype = torch.float16):
     """minti set up as minti.train sets it up (bench/step.py times the same step)
     -> (step, plan, sd, the tensors that exist before the step). weights: None or "fp8" (minti.load's)."""
-    sd = random_model(family, torch.float16, device, weights=weights)
+    sd = random_model(family, dtype, device, weights=weights)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
     sd.add_placeholder("<bench>", 1)
     vectors = [torch.zeros(1, d, device=device, requires_grad=True) for d in sd.embedding_dims]

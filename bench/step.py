@@ -202,13 +202,8 @@ def run_cuda(args) -> dict:
 # ---------------------------------------------------------------------------- CPU: time
 
 def _float32_minti(family: str, resolution: int, batch: int, mode: str):
-    """memory_bench.build_minti with float32 weights (it builds fp16, for the GPU)."""
-    random_model = memory_bench.random_model
-    memory_bench.random_model = lambda family, dtype, device: random_model(family, torch.float32, device)
-    try:
-        return memory_bench.build_minti(family, resolution, batch, mode, torch.device("cpu"))
-    finally:
-        memory_bench.random_model = random_model
+    """memory_bench.build_minti with float32 weights (its default is fp16, for the GPU)."""
+    return memory_bench.build_minti(family, resolution, batch, mode, torch.device("cpu"), dtype=torch.float32)
 
 
 def _float32_reference(model: str, resolution: int, batch: int) -> Callable[[], object]:

@@ -27,3 +27,12 @@ def torch_backend():
     ops.set_backend("torch")
     yield
     ops.set_backend("auto")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the machine is shared, and it keeps CPU runs comparable run to run."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -59,14 +59,6 @@ def run_fp8_steps(ckpt, images, out, steps, resume=False):
                                  output=str(out), resume=str(out) if resume else None))
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; as in tests/training/test_trainer.py
-    yield
-    torch.set_num_threads(old)
-
-
 def test_fp8_run_resumes_exactly_where_an_uninterrupted_run_would_be(narrow, tmp_path, one_thread):
     straight = run_fp8_steps(*narrow, tmp_path / "a", 4)
     half = run_fp8_steps(*narrow, tmp_path / "b", 2)

@@ -20,13 +20,7 @@ from minti.training.trainer import LossScaler, TrainConfig, train
 RES = 64  # the narrow UNet has 3 downsamplings: 64 px -> 8x8 latents -> 1x1 at the bottom
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the machine is shared; one thread is also what makes timings comparable run to run
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

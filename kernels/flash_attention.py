@@ -70,12 +70,26 @@ def _unit_stride_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
+def _token_major_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [B, H, N, D] view over [B, N, H, D] memory: the layout every path returns.
+
+    The models' projections produce and consume [B, N, H*D]; in this layout the merge of the
+    heads after attention (and the split of the gradients before the projections' backward)
+    is a view, not a copy per tensor. aten's CPU flash attention returns this layout too."""
+    b, h, n, d = shape
+    return _k.new_output((b, n, h, d), dtype, device).transpose(1, 2)
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _torch_fwd(q, k, v, causal: bool, scale: float):
     path = _torch_path(q)
     if path == "cpu":
         q, k, v = _unit_stride_rows(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out.contiguous(), lse.float().contiguous()  # lse comes as a [B, Nq, H] transpose
+        return _token_major(out), lse.float().contiguous()  # lse comes as a [B, Nq, H] transpose
     return _chunked_fwd(q, k, v, causal, scale)
 
 
@@ -88,7 +102,7 @@ def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         lse = lse.to(_acc_dtype(q.dtype))  # the kernel wants its accumulation dtype (fp64 for fp64)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, causal, scale=scale)
-        return tuple(g.contiguous() for g in grads)  # they come as [B, N, H, D] transposes
+        return tuple(_token_major(g) for g in grads)
     return _chunked_bwd(do, q, k, v, o, lse, causal, scale)
 
 
@@ -118,7 +132,7 @@ def _masked_scores(qc: torch.Tensor, k: torch.Tensor, start: int, causal: bool, 
 def _chunked_fwd(q, k, v, causal: bool, scale: float):
     b, h, nq, d = q.shape
     acc = _acc_dtype(q.dtype)
-    out = _k.new_output((b, h, nq, d), q.dtype, q.device)
+    out = _token_major_output((b, h, nq, d), q.dtype, q.device)
     lse = _k.new_output((b, h, nq), torch.float32, q.device)
     kf, vf = k.to(acc), v.to(acc)
     step = _chunk_rows(q, k.shape[2])
@@ -133,7 +147,7 @@ def _chunked_fwd(q, k, v, causal: bool, scale: float):
 def _chunked_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     acc = _acc_dtype(q.dtype)
     kf, vf = k.to(acc), v.to(acc)
-    dq = _k.new_output(q.shape, q.dtype, q.device)
+    dq = _token_major_output(q.shape, q.dtype, q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)  # accumulated over query chunks
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     step = _chunk_rows(q, k.shape[2])
@@ -146,7 +160,7 @@ def _chunked_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         ds = p * (doc @ vf.transpose(-1, -2) - delta)
         dq[:, :, sl] = ((ds @ kf) * scale).to(q.dtype)
         dk += (ds.transpose(-1, -2) @ qc) * scale
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, _token_major(dk.to(k.dtype)), _token_major(dv.to(v.dtype))
 
 
 # ----------------------------------------------------------------------------- configs per device
@@ -629,7 +643,7 @@ def _pieces_kwargs(d: int) -> dict:
 def _triton_fwd(q, k, v, causal: bool, scale: float):
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    out = _k.new_output((b, h, nq, d), q.dtype, q.device)
+    out = _token_major_output((b, h, nq, d), q.dtype, q.device)  # the kernel writes through strides
     lse = _k.new_output((b, h, nq), torch.float32, q.device)
     fn, blocks = _pick(_attn_fwd, _attn_fwd_tuned, q)
     fn[_grid(nq, "BLOCK_M", b, h)](
@@ -664,11 +678,12 @@ def _triton_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
                                            DQ_ATOMIC=one_pass, **common, **blocks)
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
-    if one_pass:
-        return dq.to(q.dtype), dk, dv
-    fn, blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, q)
-    fn[_grid(nq, "BLOCK_M", b, h)](q, k, v, do, lse, delta, dq, *strides, h, nq, nk, scale, **common, **blocks)
-    return dq, dk, dv
+    if not one_pass:
+        fn, blocks = _pick(_attn_bwd_dq, _attn_bwd_dq_tuned, q)
+        fn[_grid(nq, "BLOCK_M", b, h)](q, k, v, do, lse, delta, dq, *strides, h, nq, nk, scale, **common, **blocks)
+    # Contiguous [B*H, N, D] in the kernels; returned in the layout every path returns (the
+    # copy the callers' head merge would otherwise make).
+    return _token_major(dq.to(q.dtype)), _token_major(dk), _token_major(dv)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -705,7 +720,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 @_flash_attn_fwd.register_fake
 def _(q, k, v, causal, scale, backend):
     b, h, nq, d = q.shape
-    return q.new_empty((b, h, nq, d)), q.new_empty((b, h, nq), dtype=torch.float32)
+    return q.new_empty((b, nq, h, d)).transpose(1, 2), q.new_empty((b, h, nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("minti::flash_attn_bwd", mutates_args=())
@@ -720,10 +735,11 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @_flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, scale, backend):
-    # Both paths return contiguous gradients, whatever the inputs' strides. Not modelled:
+    # Every path returns the gradients in _token_major_output's layout, whatever the inputs'
+    # strides. Not modelled:
     # the Triton backward's transient fp32 buffers (dQ for the atomics, partial dK/dV for
     # split query ranges), small next to the activations (their sizes: bench/RESULTS.md).
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -5,6 +5,7 @@ reads TRITON_INTERPRET when the kernels are decorated (at import).
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 
@@ -13,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import minti.kernels as kernels  # noqa: E402
 
@@ -82,3 +84,25 @@ def _patch_interpreter_bf16_rounding() -> None:
 
 
 _patch_interpreter_bf16_rounding()
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the name of every aten op that runs while active (`counts` per name), and counts
+    the calls that are not views or allocations (those launch no work)."""
+
+    FREE = {"empty", "new_empty", "empty_strided", "view", "detach", "t", "transpose", "permute", "slice",
+            "split", "split_with_sizes", "chunk", "unsqueeze", "squeeze", "expand", "alias", "_unsafe_view",
+            "as_strided", "select", "reshape"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+        self.counts = collections.Counter()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.names.add(name)
+        self.counts[name] += 1
+        self.calls += name not in self.FREE
+        return func(*args, **(kwargs or {}))

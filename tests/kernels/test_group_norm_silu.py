@@ -6,7 +6,6 @@ import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imp
 from kernel_testing import poisoned  # noqa: F401  (fixture)
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 gn = importlib.import_module("minti.kernels.group_norm_silu")
 
@@ -95,35 +94,15 @@ def test_traces_under_torch_compile():
     assert kt.rel_err(x.grad, xr.grad) <= 1e-5
 
 
-class _AtenOps(TorchDispatchMode):
-    """Records the name of every aten op that runs while active, and counts the calls that
-    are not views or allocations (those launch no work)."""
-
-    FREE = {"empty", "new_empty", "empty_strided", "view", "detach", "t", "transpose", "permute", "slice",
-            "split", "split_with_sizes", "chunk", "unsqueeze", "squeeze", "expand", "alias", "_unsafe_view",
-            "as_strided", "select", "reshape"}
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.names.add(name)
-        self.calls += name not in self.FREE
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not kt.triton_runs_here(), reason="Triton not installed (or no CUDA and TRITON_INTERPRET unset)")
 def test_triton_path_merges_group_statistics_in_its_kernels_not_in_torch_ops():
     # At batch 1 each small torch op between the kernels is a launch that costs more CPU time
     # than the GPU work it does; the statistics merge used to be ten of them per call.
     x, w, b, dout = _inputs((1, 8, 64, 64), torch.float32, seed=2)  # 16 chunks per group
     x.requires_grad_()
-    with _AtenOps() as fwd_ops:
+    with kt.AtenOps() as fwd_ops:
         out = gn.group_norm_silu(x, w, b, 2, 1e-5, backend="triton")
-    with _AtenOps() as bwd_ops:
+    with kt.AtenOps() as bwd_ops:
         out.backward(dout)
     # Allocation, views, and the interpreter's own copies in and out of its numpy buffers.
     bookkeeping = {"empty", "new_empty", "view", "detach", "copy_", "set_", "_to_copy"}
@@ -137,9 +116,9 @@ def test_torch_path_is_native_group_norm_not_many_elementwise_ops(silu):
     # busy machine many of them cost far more than their arithmetic.
     x, w, b, dout = _inputs((1, 64, 32, 32), torch.float32, seed=3)
     x.requires_grad_()
-    with _AtenOps() as fwd_ops:
+    with kt.AtenOps() as fwd_ops:
         out = gn.group_norm_silu(x, w, b, 8, 1e-5, silu=silu, backend="torch")
-    with _AtenOps() as bwd_ops:
+    with kt.AtenOps() as bwd_ops:
         out.backward(dout)
     assert "native_group_norm" in fwd_ops.names and "native_group_norm_backward" in bwd_ops.names
     assert fwd_ops.calls <= 4 and bwd_ops.calls <= 5, (fwd_ops.names, bwd_ops.names)

@@ -181,3 +181,20 @@ def test_full_width_sd15_matches_diffusers():
         want = theirs(x[:1], t[1:], encoder_hidden_states=context[:1]).sample
         got = ours(x[:1], t[1:], context[:1])
     assert rel_err(got, want) <= 1e-4
+
+
+def test_attention_merges_and_splits_heads_without_copying_activations(torch_backend):
+    # The projections produce and consume [B, N, H*D]; attention returns its output and input
+    # gradients in that memory order, so splitting and merging heads are views. Each copy here
+    # was a memory-bound launch per layer and direction on the CPU path.
+    import kernel_testing as kt
+    from minti.models.unet import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(64, heads=4, head_dim=16, context_dim=48).requires_grad_(False)
+    x = torch.randn(1, 256, 64, requires_grad=True)
+    context = torch.randn(1, 77, 48, requires_grad=True)
+    with kt.AtenOps() as ops_seen:
+        attention(x, context).sum().backward()
+    copies = {n: c for n, c in ops_seen.counts.items() if n in ("clone", "copy_", "contiguous", "_to_copy")}
+    assert copies == {}, copies

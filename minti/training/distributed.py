@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -148,13 +149,15 @@ class RankLost(Exception):
 
     def user_error(self, step: int, saved: str) -> UserError:
         return UserError(f"rank {self.world.rank} of {self.world.size} lost the other ranks during step {step + 1}: "
-                         f"one died or did not answer within {self.world.timeout_s:g} s ({TIMEOUT_ENV}) "
-                         f"[{self.detail}]; {saved}")
+                         f"one died or did not answer within {self.world.timeout_s:g} s ({TIMEOUT_ENV}; "
+                         f"{self.detail}); {saved}")
 
 
 def _first_line(error: Exception) -> str:
+    """What a torch.distributed error says, without the source location and advice it wraps it in."""
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:200]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(error).__name__)
+    return line.split(". This is typically")[0].rstrip(".")[:160]
 
 
 def _collective_device() -> torch.device:

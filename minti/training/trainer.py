@@ -675,8 +675,9 @@ def train_many(sd, configs: list[TrainConfig],
                 if c.step > 0 and c.folder is not None and c.diverged is None:
                     c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
             saved = [str(c.folder.path) for c in concepts if c.folder is not None and c.step > 0]
-            raise e.user_error(max(c.step for c in concepts), f"saved the last finished step in {', '.join(saved)}"
-                               if saved else "nothing saved on this rank") from None
+            raise e.user_error(max(c.step for c in concepts), f"saved the last step all ranks finished in "
+                               f"{', '.join(saved)}: continue with --resume" if saved else "rank 0 keeps the files"
+                               if not world.writes else "nothing saved") from None
         for c in concepts:
             if c.diverged is None:
                 _finish(sd, c, identity)

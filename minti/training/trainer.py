@@ -60,10 +60,13 @@ class StepInfo:
 
 class _Stop:
     """Ctrl-C / SIGTERM set a flag; the loop saves and returns at the next step boundary.
-    A second Ctrl-C raises KeyboardInterrupt at once (the saves are atomic, nothing tears)."""
+    A second Ctrl-C raises KeyboardInterrupt at once (the saves are atomic, nothing tears),
+    except under torchrun: a terminal's Ctrl-C reaches each rank directly and again through
+    torchrun, which kills the ranks itself if they take too long to save."""
 
-    def __init__(self) -> None:
+    def __init__(self, second_interrupt_raises: bool = True) -> None:
         self.requested = False
+        self.second_interrupt_raises = second_interrupt_raises
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _Stop:
@@ -73,7 +76,7 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and self.second_interrupt_raises:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -467,10 +470,11 @@ def _micro_batch_loss(sd, concepts: list[_Concept], acp: torch.Tensor, micro: in
     return torch.stack(losses)
 
 
-def _forward_backward(sd, concepts: list[_Concept], acp: torch.Tensor, world: distributed.World) -> list[float]:
+def _forward_backward(sd, concepts: list[_Concept], acp: torch.Tensor, world: distributed.World) -> torch.Tensor:
     """The gradients of one optimizer step of every concept (grad_accum micro-batches), averaged
-    over the ranks -> each concept's mean loss of the step. The backward runs once on the sum of
-    the concepts' losses, each scaled by its own fp16 loss scale."""
+    over the ranks -> [len(concepts)] each concept's mean loss of the step. The backward runs
+    once per micro-batch on the sum of the concepts' losses, each scaled by its own fp16 loss
+    scale, so each concept's gradient is its own loss's."""
     losses: list[list[torch.Tensor]] = [[] for _ in concepts]
     for micro in range(max(c.config.grad_accum for c in concepts)):
         members = [i for i, c in enumerate(concepts) if micro < c.config.grad_accum]
@@ -480,13 +484,13 @@ def _forward_backward(sd, concepts: list[_Concept], acp: torch.Tensor, world: di
         torch.stack(scaled).sum().backward()
         for i, loss in zip(members, micro_losses):
             losses[i].append(loss.detach())
-    means = [torch.stack(ls).mean() for ls in losses]
+    means = torch.stack([torch.stack(ls).mean() for ls in losses])
     if world.size > 1:
         for p in (p for c in concepts for p in c.vectors.params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        distributed.average_(means + [p.grad for c in concepts for p in c.vectors.params], world)
-    return [float(m) for m in means]
+        distributed.average_([means] + [p.grad for c in concepts for p in c.vectors.params], world)
+    return means
 
 
 class _Diverged(Exception):
@@ -497,6 +501,20 @@ class _Diverged(Exception):
         where = f"; the embedding from step {step} is in {folder.path}" if folder is not None else ""
         return UserError(f"the loss or its gradient became non-finite at step {step + 1} (loss {self.loss}; "
                          f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
+
+
+class Diverged(UserError):
+    """Concepts whose loss or gradient turned non-finite (without fp16 loss scaling); their last
+    good embeddings are saved. `embeddings` holds every concept's final embedding, in order."""
+
+    def __init__(self, errors: list[tuple[str, UserError]], embeddings: list[Embedding]) -> None:
+        if len(embeddings) == 1:
+            message = str(errors[0][1])
+        else:
+            message = "; ".join(f"{token}: {error}" for token, error in errors) + \
+                f" (the other {len(embeddings) - len(errors)} trained on)"
+        super().__init__(message)
+        self.embeddings = embeddings
 
 
 def _optimizer_step(c: _Concept, mean_loss: float, lr: float) -> bool:
@@ -571,6 +589,33 @@ def _finish(sd, c: _Concept, identity: dict | None) -> None:
         c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
 
 
+def _step_info(sd, done: list[tuple], concepts: list[_Concept], iterations: int, elapsed: float) -> StepInfo:
+    """What on_step hears: `done` holds (concept, loss, lr, applied) of each concept that stepped."""
+    first = done[0][0]
+    return StepInfo(step=max(c.step for c, *_ in done), total=max(c.config.steps for c in concepts),
+                    loss=sum(loss for _, loss, _, _ in done) / len(done), lr=done[0][2],
+                    skipped=any(not applied for *_, applied in done), loss_scale=first.scaler.scale,
+                    seconds=elapsed, steps_per_second=iterations / max(elapsed, 1e-9),
+                    peak_memory=torch.cuda.max_memory_allocated(sd.device) if sd.device.type == "cuda" else None,
+                    losses={c.config.token: loss for c, loss, _, _ in done})
+
+
+def _saved_after_lost_rank(lost: distributed.RankLost, concepts: list[_Concept], identity: dict | None,
+                           world: distributed.World) -> UserError:
+    """Rank 0 saves what the last step all ranks finished left; -> the one-line error."""
+    saved = []
+    for c in concepts:
+        if c.step > 0 and c.folder is not None:
+            if c.diverged is None:  # a diverged concept saved its last good vectors already
+                c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
+            saved.append(str(c.folder.path))
+    if saved:
+        where = f"saved the last step all ranks finished in {', '.join(saved)}: continue with --resume"
+    else:
+        where = "nothing saved" if world.writes else "rank 0 writes the files"
+    return lost.user_error(max(c.step for c in concepts), where)
+
+
 def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | None = None) -> Embedding:
     """Train `config.token` on `config.images` with the loaded model `sd`; return the embedding.
 
@@ -619,7 +664,8 @@ def train_many(sd, configs: list[TrainConfig],
     acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
     iterations = 0
 
-    with _Stop() as stop, distributed.joined(world, sd.device), _latents_cached(sd, concepts, vae_was_loaded):
+    with _Stop(second_interrupt_raises=world.size == 1) as stop, distributed.joined(world, sd.device), \
+            _latents_cached(sd, concepts, vae_was_loaded):
         for c in concepts:
             if c.folder is not None:
                 c.folder.write_config(c.config, sd, c.vectors.params[0].shape[0], c.data.resolution, identity)
@@ -633,7 +679,7 @@ def train_many(sd, configs: list[TrainConfig],
             # every rank takes the same decisions from the same all-reduced numbers; the stop flag
             # is shared too, so all ranks end at the same step
             while (active := [c for c in concepts if c.training]) and not distributed.any_rank(stop.requested, world):
-                losses = _forward_backward(sd, active, acp, world)
+                losses = _forward_backward(sd, active, acp, world).tolist()
                 done = []  # (concept, loss, lr, applied) of the concepts that made their step
                 for c, loss in zip(active, losses):
                     lr = c.lr_at(c.step)
@@ -657,27 +703,13 @@ def train_many(sd, configs: list[TrainConfig],
                         c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler, intermediate=True)
                     if c.previews and c.step % c.config.preview_every == 0 and c.step < c.config.steps:
                         _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
-                if not done:
-                    continue
-                iterations += 1
-                elapsed = time.perf_counter() - start
-                first = done[0][0]
-                info = StepInfo(step=max(c.step for c, *_ in done), total=max(c.config.steps for c in concepts),
-                                loss=sum(loss for _, loss, _, _ in done) / len(done), lr=done[0][2],
-                                skipped=any(not applied for *_, applied in done), loss_scale=first.scaler.scale,
-                                seconds=elapsed, steps_per_second=iterations / max(elapsed, 1e-9),
-                                peak_memory=torch.cuda.max_memory_allocated(sd.device) if sd.device.type == "cuda"
-                                else None, losses={c.config.token: loss for c, loss, _, _ in done})
-                if on_step is not None and on_step(info) is False:
-                    stop.requested = True
+                if done:
+                    iterations += 1
+                    info = _step_info(sd, done, concepts, iterations, time.perf_counter() - start)
+                    if on_step is not None and on_step(info) is False:
+                        stop.requested = True
         except distributed.RankLost as e:  # the vectors are those of the last step every rank finished
-            for c in concepts:
-                if c.step > 0 and c.folder is not None and c.diverged is None:
-                    c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
-            saved = [str(c.folder.path) for c in concepts if c.folder is not None and c.step > 0]
-            raise e.user_error(max(c.step for c in concepts), f"saved the last step all ranks finished in "
-                               f"{', '.join(saved)}: continue with --resume" if saved else "rank 0 keeps the files"
-                               if not world.writes else "nothing saved") from None
+            raise _saved_after_lost_rank(e, concepts, identity, world) from None
         for c in concepts:
             if c.diverged is None:
                 _finish(sd, c, identity)
@@ -689,16 +721,3 @@ def train_many(sd, configs: list[TrainConfig],
         raise Diverged([(c.config.token, c.diverged.user_error(c.step, c.folder)) for c in diverged], embeddings)
     return embeddings
 
-
-class Diverged(UserError):
-    """Concepts whose loss or gradient turned non-finite (without fp16 loss scaling); their last
-    good embeddings are saved. `embeddings` holds every concept's final embedding, in order."""
-
-    def __init__(self, errors: list[tuple[str, UserError]], embeddings: list[Embedding]) -> None:
-        if len(embeddings) == 1:
-            message = str(errors[0][1])
-        else:
-            message = "; ".join(f"{token}: {error}" for token, error in errors) + \
-                f" (the other {len(embeddings) - len(errors)} trained on)"
-        super().__init__(message)
-        self.embeddings = embeddings

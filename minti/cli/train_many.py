@@ -24,14 +24,16 @@ def resolve_many(args: argparse.Namespace) -> tuple[dict, list[TrainConfig], Pat
     if args.concepts is not None and args.resume is not None:
         raise UserError("pass --concepts FILE to start a run of several concepts or --resume DIR to continue one, "
                         "not both")
+    for flag in ("token", "images"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} is set per concept in a run of several: put it in each [[concept]] table of "
+                            f"{args.concepts}" if args.concepts is not None else
+                            f"--{flag} is set per concept in a run of several: --resume {args.resume} continues "
+                            "each with its own")
     namespaces = []
     if args.concepts is not None:
         if args.model is None:
             raise UserError(f"--concepts {args.concepts} needs --model: the checkpoint every concept is trained on")
-        for flag in ("token", "images"):
-            if getattr(args, flag) is not None:
-                raise UserError(f"--{flag} is set per concept with --concepts: put it in each [[concept]] table of "
-                                f"{args.concepts}")
         root = Path(args.output or Path("runs") / Path(args.concepts).stem)
         for concept in read_concepts(args.concepts):
             ns = copy.copy(args)

@@ -215,9 +215,10 @@ def _validate_together(configs: list[TrainConfig]) -> None:
                 raise UserError(f"two concepts use --{name} {value}: give each concept its own {name}")
             seen[str(value)] = c
     for name in ("memory", "vram"):
-        if len({getattr(c, name) for c in configs}) > 1:
-            raise UserError(f"the concepts ask for different --{name} ({', '.join(str(getattr(c, name)) for c in configs)}): "
-                            "they share one model and one memory plan; give them the same value")
+        values = [getattr(c, name) for c in configs]
+        if len(set(values)) > 1:
+            raise UserError(f"the concepts ask for different --{name} ({', '.join(map(str, values))}): they share "
+                            "one model and one memory plan; give them the same value")
 
 
 def kernels_in_use(sd) -> str:

@@ -70,9 +70,11 @@ def on_two_ranks(sd, job, wait_s=60):
         try:
             rank, value = results.get(timeout=0.2)
         except queue.Empty:
+            if out and not any(p.is_alive() for r, p in enumerate(ranks) if r not in out):
+                break  # the others are dead
             continue
         out[rank] = value
-        deadline = min(deadline, time.monotonic() + 3)  # a rank that ended reports within moments of another
+        deadline = min(deadline, time.monotonic() + 2)  # a rank that ended reports within moments of another
     for p in ranks:
         if p.is_alive():
             os.kill(p.pid, signal.SIGKILL)
@@ -142,3 +144,17 @@ def test_a_lost_rank_ends_the_other_with_a_clear_message_instead_of_a_hang(tiny_
     # a hang is noticed by the timeout, a crash at once (its sockets close)
     assert ranks[0]["seconds"] < TIMEOUT_S + 10
     assert load_embedding(tmp_path / "run" / "lost.pt").step == 1  # the last step both ranks finished
+
+
+def _ctrl_c_on_rank_1(rank, sd, output):
+    def on_step(info):
+        if rank == 1 and info.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the real handler, as from a terminal's Ctrl-C
+
+    return {"step": train(sd, cfg("<int>", output, steps=20), on_step=on_step).step}
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tiny_sd, tmp_path):
+    ranks = on_two_ranks(tiny_sd, partial(_ctrl_c_on_rank_1, output=tmp_path / "run"))
+    assert ranks == {0: {"step": 1}, 1: {"step": 1}}
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 1  # saved by rank 0

@@ -3,6 +3,13 @@
     python bench/step.py --model sd15 --resolution 512 [--batch-size 1] [--memory auto|low|fast]
                          [--steps 20] [--json]
     python bench/step.py --device cpu [--resolution 256|512] [--steps 3]
+    python bench/step.py --model sd15 --resolution 512 --concepts 1 4 8
+
+--concepts K...: one step of K concepts sharing a batch (minti.train_many, batch 1 each: one
+UNet batch of K) against K separate batch-1 steps, both through the trainer's own step
+functions (_forward_backward, _optimizer_step). On CUDA the median wall time of each; without
+CUDA the FLOPs of each on a meta trace, which sharing the batch cannot change (the work per
+sample is the same; the gain on a GPU is a batch large enough to fill it).
 
 On CUDA: the median wall time of a step (torch.cuda.synchronize() before and after each one,
 after warm-up steps that also autotune the Triton kernels) for minti's step (bench/memory.py's
@@ -269,6 +276,91 @@ def run_cpu(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------- many concepts
+
+def build_concepts(family: str, resolution: int, k: int, device: torch.device):
+    """K concepts as minti.train_many holds them (each its token, one vector per text encoder,
+    AdamW, loss scaler and one cached latent, batch 1) on a random full-size model -> (sd, concepts, acp)."""
+    from minti.diffusion import alphas_cumprod
+    from minti.loading.pipeline import random_model
+    from minti.training import trainer
+    from minti.training.config import TrainConfig
+    from minti.training.data import SourceImage, TrainingData, Variant
+
+    sd = random_model(family, torch.float16, device)
+    sd.offload_vae()  # latents are cached before training; the VAE is not on the device
+    concepts = []
+    for i in range(k):
+        token = f"<bench{i}>"
+        config = TrainConfig(token=token, images="-", resolution=resolution, seed=i)
+        offset = trainer.register_token(sd, token, 1)
+        image = SourceImage(Path(f"{i}.png"), torch.zeros(3, resolution, resolution, device="meta"), None)
+        data = TrainingData([image], resolution, ["a photo of [name]"], token, seed=i)
+        data.variants = [Variant(0, 0, 0, False, (resolution, resolution), (0, 0))]
+        data.latents = torch.zeros(1, 4, resolution // 8, resolution // 8)  # on the host, as the trainer keeps them
+        vectors = trainer._Vectors(token, [torch.nn.Parameter(torch.zeros(1, d, device=device))
+                                           for d in sd.embedding_dims], offset, None, "bench")
+        optimizer = torch.optim.AdamW(vectors.params, lr=5e-3, weight_decay=0.0)
+        scaler = trainer.LossScaler(2.0 ** 16 if device.type == "cuda" else None)
+        concepts.append(trainer._Concept(config, data, vectors, optimizer, scaler, lambda step: 5e-3, None, ""))
+    return sd, concepts, alphas_cumprod().to(device, torch.float32)
+
+
+def concepts_step(sd, concepts, acp) -> None:
+    """One optimizer step of these concepts in one shared batch, as train_many's loop runs it."""
+    from minti.training import distributed, trainer
+
+    losses = trainer._forward_backward(sd, concepts, acp, distributed.World())
+    if losses.device.type == "meta":  # no values to check: AdamW as the trainer calls it
+        for c in concepts:
+            c.optimizer.step()
+            c.optimizer.zero_grad(set_to_none=True)
+        return
+    for c, loss in zip(concepts, losses.tolist()):
+        trainer._optimizer_step(c, loss, 5e-3)
+
+
+def run_concepts(args) -> dict:
+    """K concepts in one step vs K batch-1 steps: time on CUDA, FLOPs without."""
+    family = FAMILIES[args.model]
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "meta")
+    rows = []
+    for k in args.concepts:
+        sd, concepts, acp = build_concepts(family, args.resolution, k, device)
+        joint = lambda: concepts_step(sd, concepts, acp)  # noqa: E731
+        separate = lambda: [concepts_step(sd, [c], acp) for c in concepts]  # noqa: E731
+        if cuda:  # each with the plan it would get: --memory for a batch of K, and for a batch of 1
+            memory.apply(sd, args.memory, args.resolution, k)
+            joint_ms = statistics.median(time_steps(joint, args.warmup, args.steps))
+            memory.apply(sd, args.memory, args.resolution, 1)
+            separate_ms = statistics.median(time_steps(separate, args.warmup, args.steps))
+            rows.append({"k": k, "joint_ms": round(joint_ms, 2), "separate_ms": round(separate_ms, 2),
+                         "speedup": round(separate_ms / joint_ms, 3)})
+        else:
+            memory.apply(sd, "fast", args.resolution, k)
+            joint_flops, separate_flops = count_flops(joint)["total"], count_flops(separate)["total"]
+            rows.append({"k": k, "joint_gflop": round(joint_flops / 1e9, 1),
+                         "separate_gflop": round(separate_flops / 1e9, 1),
+                         "ratio": round(joint_flops / separate_flops, 4)})
+        del sd, concepts, joint, separate
+        if cuda:
+            _free()
+    where = torch.cuda.get_device_name() if cuda else "meta trace (FLOPs: matmul + conv + attention)"
+    print(f"{args.model} {args.resolution}², K concepts at batch 1 each: one shared step vs K separate steps; {where}")
+    if cuda:
+        print(f"{'K':>3} {'shared ms':>10} {'K x 1 ms':>10} {'speed-up':>9}")
+        for r in rows:
+            print(f"{r['k']:>3} {r['joint_ms']:10.1f} {r['separate_ms']:10.1f} {r['speedup']:9.2f}")
+    else:
+        print(f"{'K':>3} {'shared GFLOP':>13} {'K x 1 GFLOP':>12} {'ratio':>7}")
+        for r in rows:
+            print(f"{r['k']:>3} {r['joint_gflop']:13.1f} {r['separate_gflop']:12.1f} {r['ratio']:7.3f}")
+    return {"method": "median wall time per step, torch.cuda.synchronize around each" if cuda
+            else "FlopCounterMode on a meta-device trace", "device": where, "concepts": rows,
+            **({"steps": args.steps, "warmup": args.warmup} if cuda else {})}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=FAMILIES, default="sd15")
@@ -281,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         "in float32 on the CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (median reported): 20 on CUDA, 3 on the CPU")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first: 3 on CUDA, 1 on the CPU")
+    p.add_argument("--concepts", type=int, nargs="+", metavar="K",
+                   help="compare one step of K concepts sharing a batch with K batch-1 steps, for each K given")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     on_cpu = args.device == "cpu"
@@ -292,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size}
+    if args.concepts:
+        result.update(run_concepts(args))
+        memory_bench.write_result(result, start, f"step-concepts-{args.model}-{args.resolution}.json", args.json)
+        return 0
     if on_cpu:
         result.update(run_cpu(args))
     else:

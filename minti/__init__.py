@@ -3,6 +3,7 @@
 Public API (see README.md):
     sd = minti.load(path, dtype=torch.float16, device="cuda")
     embedding = minti.train(sd, config)
+    embeddings = minti.train_many(sd, [config, ...])   # several concepts sharing each batch
     embedding = minti.load_embedding(path)
 """
 from __future__ import annotations
@@ -43,10 +44,10 @@ def __getattr__(name: str):
         from minti.loading import pipeline
 
         return getattr(pipeline, name)
-    if name == "train":
-        from minti.training.trainer import train
+    if name in ("train", "train_many"):
+        from minti.training import trainer
 
-        return train
+        return getattr(trainer, name)
     if name == "TrainConfig":
         from minti.training.config import TrainConfig
 

@@ -76,15 +76,18 @@ def to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor
 
 def diffusion_loss(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    context: torch.Tensor, y: torch.Tensor | None = None, *, prediction: str = "eps",
-                   weights: torch.Tensor | None = None, acp: torch.Tensor | None = None,
-                   reduction: str = "mean") -> torch.Tensor:
+                   weights: torch.Tensor | list[torch.Tensor | None] | None = None, acp: torch.Tensor | None = None,
+                   reduction: str = "mean", groups: list[int] | None = None) -> torch.Tensor:
     """The denoising objective: MSE between unet(x_t, t, context, y) and the prediction target.
 
     x0 are (scaled) latents, t LongTensor [B]; the UNet runs in the dtype of `context` (the
     model's), the loss in float32 whatever that dtype. `weights` [B,1,h,w] (alpha masks) weight
     each latent pixel, normalised by their mass so masking part of an image does not shrink the
     step. reduction "sum" returns the summed squared error (no weights), for exact averages
-    over several batches.
+    over several batches. `groups`: sizes of consecutive runs of samples that share one forward
+    pass but not a loss (several concepts in one batch); returns one loss per group, each the
+    mean over its own samples, so that no group's gradient depends on the others. `weights` is
+    then a list with one tensor or None per group.
     """
     x0 = x0.float()
     acp = (alphas_cumprod() if acp is None else acp).to(x0.device, torch.float32)
@@ -94,6 +97,13 @@ def diffusion_loss(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: to
     err = (pred - goal) ** 2
     if reduction == "sum":
         return err.sum()
+    if groups is None:
+        return _mean_error(err, weights)
+    weights = [None] * len(groups) if weights is None else weights
+    return torch.stack([_mean_error(e, w) for e, w in zip(err.split(groups), weights, strict=True)])
+
+
+def _mean_error(err: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     if weights is None:
         return err.mean()
     w = weights.to(err.device, torch.float32)

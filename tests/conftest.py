@@ -1,7 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+TINY_MODEL = Path(__file__).resolve().parents[1] / "weights" / "minti-tiny.safetensors"
 
 # The kernel tests run Triton in its CPU interpreter on CPU tensors (GPU speed and memory
 # live in bench/). The switch is read when the kernels are decorated (first import of
@@ -36,3 +39,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    """The shipped tiny model (64 px) in float32 on the CPU, one per test module: tests register
+    their own placeholder tokens on it, so each uses tokens of its own."""
+    import minti
+
+    return minti.load(TINY_MODEL, dtype=torch.float32, device="cpu")

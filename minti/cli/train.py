@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"weights/{demo.DEMO_MODEL.name} at {demo.RESOLUTION} px, {demo.STEPS} steps, batch {demo.BATCH_SIZE}, "
         f"lr {demo.LR:g} {demo.LR_SCHEDULE}, into {demo.OUTPUT}, ending with an init-vs-learned grid; flags given "
         "override these")
+    groups[WHAT].add_argument("--concepts", metavar="FILE", help="train several concepts in one run: a .toml/.json "
+                              "file of [[concept]] tables (token, images; optionally init, vectors, template, lr, "
+                              "name), each into <output>/<name>/; the other flags apply to every concept "
+                              "(continue with --resume <output>)")
     add_config_flags(groups)
     device = groups[DEVICE]
     device.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -225,10 +230,19 @@ def _duration(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from minti.training import distributed
+    from minti.training.concepts import joint_run_folders
     from minti.training.trainer import train
 
+    if args.concepts is not None or joint_run_folders(args.resume):
+        from minti.cli import train_many
+
+        return train_many.run(args)
     setup_logging()
+    world = distributed.launched()  # under torchrun: this process's rank; rank 0 alone reports
+    distributed.quiet_unless_writer(world)
     load, config = resolve(args)
+    load["device"] = distributed.device_for_rank(load["device"], world)
     if args.model is None and args.resume is None:
         print(f"minti train: no --model: the demo, {config.token} (init {config.init!r}) on {config.images} with "
               f"{load['model']}, {config.steps} steps, into {config.output}; pass --model to train your own",
@@ -240,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before training there is nothing to save
         print("minti train: interrupted while loading the model; nothing saved", file=sys.stderr)
         return 130
-    progress = Progress()
+    progress = Progress(None if world.writes else open(os.devnull, "w"))
     try:
         emb = train(sd, config, on_step=progress)
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: saves are atomic, the last one stands
@@ -250,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         progress.close()
+    if not world.writes:
+        return 0
     out = Path(config.output)
     files = [out / f"{emb.name}.safetensors"] + ([] if emb.is_sdxl else [out / f"{emb.name}.pt",
                                                                          out / "learned_embeds.safetensors"])

@@ -9,9 +9,11 @@ else stays frozen and bit-identical. Every random draw (batch order, crop/flip v
 timestep, noise) is derived from (seed, step), so a resumed run draws exactly what the
 uninterrupted one would have, and a CPU run is bit-reproducible.
 
-`train` is the whole run, top to bottom: setup, then the loop of optimizer steps with its
-logging, saves, previews and stop handling. What it writes into `output` (when set) and reads
-back to resume is minti.training.run_folder's; the settings are minti.training.config's.
+`train_many` is the whole run, top to bottom: setup, then the loop of optimizer steps with its
+logging, saves, previews and stop handling, for one or more concepts sharing each batch; `train`
+is its one-concept case. What it writes into each concept's `output` (when set) and reads back
+to resume is minti.training.run_folder's; the settings are minti.training.config's; several
+processes under torchrun are minti.training.distributed's.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 
 from minti import atomic, diffusion, sampling
 from minti.errors import UserError
-from minti.training import lr_schedules, memory
+from minti.training import distributed, lr_schedules, memory
 from minti.training import templates as tpl
 from minti.training.config import TrainConfig
 from minti.training.data import TrainingData, generator, load_images
@@ -44,23 +46,27 @@ MAX_VECTORS = 75  # a prompt holds 75 content tokens; more vectors than that can
 @dataclass
 class StepInfo:
     """What on_step receives after every optimizer step. Return False from on_step to stop."""
-    step: int  # optimizer steps done
+    step: int  # optimizer steps done (the furthest concept's)
     total: int
-    loss: float  # mean loss of this step's micro-batches
-    lr: float
-    skipped: bool  # fp16 overflow: the step was not applied
-    loss_scale: float | None
+    loss: float  # mean loss of this step's micro-batches (and, with several concepts, of the concepts)
+    lr: float  # the first concept's
+    skipped: bool  # fp16 overflow: the step was not applied (for some concept)
+    loss_scale: float | None  # the first concept's
     seconds: float  # since training (this session) started
     steps_per_second: float
     peak_memory: int | None  # bytes, CUDA only
+    losses: dict[str, float] | None = None  # token -> its loss, for each concept that made this step
 
 
 class _Stop:
     """Ctrl-C / SIGTERM set a flag; the loop saves and returns at the next step boundary.
-    A second Ctrl-C raises KeyboardInterrupt at once (the saves are atomic, nothing tears)."""
+    A second Ctrl-C raises KeyboardInterrupt at once (the saves are atomic, nothing tears),
+    except under torchrun: a terminal's Ctrl-C reaches each rank directly and again through
+    torchrun, which kills the ranks itself if they take too long to save."""
 
-    def __init__(self) -> None:
+    def __init__(self, second_interrupt_raises: bool = True) -> None:
         self.requested = False
+        self.second_interrupt_raises = second_interrupt_raises
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _Stop:
@@ -70,7 +76,7 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and self.second_interrupt_raises:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -199,6 +205,22 @@ def _validate(config: TrainConfig) -> None:
         raise UserError(f"unknown preview sampler {config.preview_sampler!r}: use {' or '.join(sampling.SAMPLERS)}")
 
 
+def _validate_together(configs: list[TrainConfig]) -> None:
+    """Concepts trained in one run: distinct tokens and output folders, one memory plan."""
+    for name in ("token", "output"):
+        seen: dict = {}
+        for c in configs:
+            value = getattr(c, name)
+            if value is not None and str(value) in seen:
+                raise UserError(f"two concepts use --{name} {value}: give each concept its own {name}")
+            seen[str(value)] = c
+    for name in ("memory", "vram"):
+        values = [getattr(c, name) for c in configs]
+        if len(set(values)) > 1:
+            raise UserError(f"the concepts ask for different --{name} ({', '.join(map(str, values))}): they share "
+                            "one model and one memory plan; give them the same value")
+
+
 def kernels_in_use(sd) -> str:
     """One line: which path (Triton kernel or torch) each hot op takes on this run, and why."""
     from minti.models import ops
@@ -253,11 +275,12 @@ def _restore_vae(sd) -> bool:
 
 
 @contextmanager
-def _latents_cached(sd, data: TrainingData, latent_sampling: str, vae_was_loaded: bool) -> Iterator[None]:
-    """Encode every image variant once; the VAE then leaves the training device until training
-    is over (and comes back if it was loaded before)."""
+def _latents_cached(sd, concepts: list, vae_was_loaded: bool) -> Iterator[None]:
+    """Encode every image variant of every concept once; the VAE then leaves the training device
+    until training is over (and comes back if it was loaded before)."""
     with _as_user_error():
-        data.encode(sd, latent_sampling)
+        for c in concepts:
+            c.data.encode(sd, c.config.latent_sampling)
     sd.offload_vae()
     try:
         yield
@@ -314,17 +337,54 @@ class _Vectors:
 
     def extra(self, detach: bool = False) -> list[torch.Tensor]:
         """The `extra` rows for encode_tokens: zeros for placeholders registered before ours."""
-        out = []
-        for p in self.params:
-            v = p.detach() if detach else p
-            if self.offset:
-                v = torch.cat([v.new_zeros(self.offset, v.shape[1]), v])
-            out.append(v)
-        return out
+        return joint_extra([self], detach)
 
     def embedding(self, step: int) -> Embedding:
         return Embedding(self.token, [p.detach().float().cpu() for p in self.params], step=step,
                          sd_checkpoint=self.sd_checkpoint, sd_checkpoint_name=self.sd_checkpoint_name)
+
+
+def joint_extra(vectors: list[_Vectors], detach: bool = False) -> list[torch.Tensor]:
+    """The `extra` rows for encode_tokens with every listed token's vectors at its offset, one
+    tensor per text encoder; rows of placeholders not listed (registered before, between or by
+    concepts not in this batch) are zeros, which no prompt of the batch reads."""
+    ordered = sorted(vectors, key=lambda v: v.offset)
+    out = []
+    for encoder in range(len(ordered[0].params)):
+        pieces, row = [], 0
+        for v in ordered:
+            p = v.params[encoder].detach() if detach else v.params[encoder]
+            if v.offset > row:
+                pieces.append(p.new_zeros(v.offset - row, p.shape[1]))
+            pieces.append(p)
+            row = v.offset + p.shape[0]
+        out.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+    return out
+
+
+@dataclass
+class _Concept:
+    """One concept of a run: its settings, images, vectors, optimizer and run folder. Each keeps
+    its own step, so that each draws exactly what a run of it alone would draw."""
+    config: TrainConfig
+    data: TrainingData
+    vectors: _Vectors
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    lr_at: Callable[[int], float]
+    folder: RunFolder | None  # where this process writes its files (rank 0 only); None: nothing written
+    preview_prompt: str
+    step: int = 0  # optimizer steps done
+    resumed_at: int = 0
+    diverged: _Diverged | None = None  # set when its loss or gradient turned non-finite: it stops alone
+
+    @property
+    def training(self) -> bool:
+        return self.diverged is None and self.step < self.config.steps
+
+    @property
+    def previews(self) -> bool:
+        return self.folder is not None and self.config.preview_every > 0
 
 
 def _resume(state: dict, vectors: _Vectors, optimizer: torch.optim.Optimizer, scaler: LossScaler) -> int:
@@ -343,23 +403,95 @@ def _resume(state: dict, vectors: _Vectors, optimizer: torch.optim.Optimizer, sc
     return int(state["step"])
 
 
-def _micro_batch_loss(sd, config: TrainConfig, data: TrainingData, vectors: _Vectors, acp: torch.Tensor,
-                      step: int, micro: int) -> torch.Tensor:
-    """The loss of micro-batch `micro` of optimizer step `step`: its samples, timesteps and noise
-    depend on (seed, step, micro) only."""
-    first = (step * config.grad_accum + micro) * config.batch_size
-    latents, prompts, weights, variants = data.batch(first, config.batch_size)
-    g = generator(config.seed, "noise", step, micro)
+@dataclass
+class _Draw:
+    """One concept's share of a micro-batch on this rank."""
+    latents: torch.Tensor
+    prompts: list[str]
+    weights: torch.Tensor | None
+    variants: list
+    noise: torch.Tensor
+    t: torch.Tensor
+    share: float  # this rank's part of the global batch's loss weight, relative to an equal split
+
+
+def _draw(c: _Concept, micro: int, world: distributed.World) -> _Draw:
+    """Micro-batch `micro` of concept c's current step: its samples, timesteps and noise depend on
+    (seed, step, micro) only. Every rank draws the whole global batch (world size x batch size,
+    what one process at that batch size draws) and keeps its own slice of it."""
+    config = c.config
+    size = config.batch_size * world.size
+    first = (c.step * config.grad_accum + micro) * size
+    latents, prompts, weights, variants = c.data.batch(first, size)
+    g = generator(config.seed, "noise", c.step, micro)
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, diffusion.NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=g)
-    context, pooled = sd.encode_tokens(sd.tokenize(prompts), vectors.extra())
-    y = None
-    if sd.family == "sdxl":
-        size = (data.resolution, data.resolution)
-        y = torch.cat([sd.sdxl_vector(pooled[i:i + 1], original_size=v.original_size, crop=v.crop_top_left,
-                                      target_size=size) for i, v in enumerate(variants)])
-    return diffusion.diffusion_loss(sd.unet, latents.to(sd.device), noise, t, context, y,
-                                    prediction=sd.prediction, weights=weights, acp=acp)
+    if world.size == 1:
+        return _Draw(latents, prompts, weights, variants, noise, t, 1.0)
+    mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
+    share = 1.0
+    if weights is not None:
+        # alpha masks normalise the loss by the mask mass of the whole batch: a rank holding more
+        # of it weighs more in the average over ranks, exactly as in one process
+        share = float(weights[mine].sum() * world.size / weights.sum().clamp(min=1e-8))
+        weights = weights[mine]
+    return _Draw(latents[mine], prompts[mine], weights, variants[mine], noise[mine], t[mine], share)
+
+
+def _micro_batch_loss(sd, concepts: list[_Concept], acp: torch.Tensor, micro: int,
+                      world: distributed.World) -> torch.Tensor:
+    """The losses [len(concepts)] of micro-batch `micro` of each concept's current step. Concepts
+    whose latents have the same shape share one text-encoder and UNet pass; each concept's loss
+    is the mean over its own samples, so its gradient is the one it gets when trained alone."""
+    draws = [_draw(c, micro, world) for c in concepts]
+    losses: list[torch.Tensor | None] = [None] * len(concepts)
+    for shape in dict.fromkeys(tuple(d.latents.shape[1:]) for d in draws):
+        members = [i for i, d in enumerate(draws) if tuple(d.latents.shape[1:]) == shape]
+        batch = [draws[i] for i in members]
+        prompts = [p for d in batch for p in d.prompts]
+        extra = joint_extra([concepts[i].vectors for i in members])
+        context, pooled = sd.encode_tokens(sd.tokenize(prompts), extra)
+        y = None
+        if sd.family == "sdxl":
+            rows, row = [], 0
+            for i, d in zip(members, batch):
+                size = (concepts[i].data.resolution, concepts[i].data.resolution)
+                for v in d.variants:
+                    rows.append(sd.sdxl_vector(pooled[row:row + 1], original_size=v.original_size,
+                                               crop=v.crop_top_left, target_size=size))
+                    row += 1
+            y = torch.cat(rows)
+        weights = [d.weights for d in batch] if any(d.weights is not None for d in batch) else None
+        out = diffusion.diffusion_loss(sd.unet, torch.cat([d.latents for d in batch]).to(sd.device),
+                                       torch.cat([d.noise for d in batch]), torch.cat([d.t for d in batch]),
+                                       context, y, prediction=sd.prediction, weights=weights, acp=acp,
+                                       groups=[d.latents.shape[0] for d in batch])
+        for i, d, loss in zip(members, batch, out):
+            losses[i] = loss * d.share if d.share != 1.0 else loss
+    return torch.stack(losses)
+
+
+def _forward_backward(sd, concepts: list[_Concept], acp: torch.Tensor, world: distributed.World) -> torch.Tensor:
+    """The gradients of one optimizer step of every concept (grad_accum micro-batches), averaged
+    over the ranks -> [len(concepts)] each concept's mean loss of the step. The backward runs
+    once per micro-batch on the sum of the concepts' losses, each scaled by its own fp16 loss
+    scale, so each concept's gradient is its own loss's."""
+    losses: list[list[torch.Tensor]] = [[] for _ in concepts]
+    for micro in range(max(c.config.grad_accum for c in concepts)):
+        members = [i for i, c in enumerate(concepts) if micro < c.config.grad_accum]
+        micro_losses = _micro_batch_loss(sd, [concepts[i] for i in members], acp, micro, world)
+        scaled = [loss * ((concepts[i].scaler.scale if concepts[i].scaler.enabled else 1.0)
+                          / concepts[i].config.grad_accum) for i, loss in zip(members, micro_losses)]
+        torch.stack(scaled).sum().backward()
+        for i, loss in zip(members, micro_losses):
+            losses[i].append(loss.detach())
+    means = torch.stack([torch.stack(ls).mean() for ls in losses])
+    if world.size > 1:
+        for p in (p for c in concepts for p in c.vectors.params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.average_([means] + [p.grad for c in concepts for p in c.vectors.params], world)
+    return means
 
 
 class _Diverged(Exception):
@@ -372,35 +504,43 @@ class _Diverged(Exception):
                          f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
 
 
-def _optimizer_step(sd, config: TrainConfig, data: TrainingData, vectors: _Vectors, acp: torch.Tensor,
-                    optimizer: torch.optim.Optimizer, scaler: LossScaler, step: int, lr: float) -> tuple[float, bool]:
-    """One optimizer step over grad_accum micro-batches -> (mean loss, applied). A non-finite
-    loss or gradient skips the step under fp16 loss scaling and raises _Diverged without it."""
-    scale = scaler.scale if scaler.enabled else 1.0
-    losses = []
-    for micro in range(config.grad_accum):
-        loss = _micro_batch_loss(sd, config, data, vectors, acp, step, micro)
-        (loss * (scale / config.grad_accum)).backward()
-        losses.append(loss.detach())
-    mean_loss = float(torch.stack(losses).mean())
-    finite = math.isfinite(mean_loss) and all(bool(torch.isfinite(p.grad).all()) for p in vectors.params)
+class Diverged(UserError):
+    """Concepts whose loss or gradient turned non-finite (without fp16 loss scaling); their last
+    good embeddings are saved. `embeddings` holds every concept's final embedding, in order."""
+
+    def __init__(self, errors: list[tuple[str, UserError]], embeddings: list[Embedding]) -> None:
+        if len(embeddings) == 1:
+            message = str(errors[0][1])
+        else:
+            message = "; ".join(f"{token}: {error}" for token, error in errors) + \
+                f" (the other {len(embeddings) - len(errors)} trained on)"
+        super().__init__(message)
+        self.embeddings = embeddings
+
+
+def _optimizer_step(c: _Concept, mean_loss: float, lr: float) -> bool:
+    """Apply concept c's step from the gradients _forward_backward left -> whether it was applied.
+    A non-finite loss or gradient skips the step under fp16 loss scaling and raises _Diverged
+    without it."""
+    finite = math.isfinite(mean_loss) and all(bool(torch.isfinite(p.grad).all()) for p in c.vectors.params)
     if not finite:
-        optimizer.zero_grad(set_to_none=True)
-        scaler.update(False)
-        if not scaler.enabled:
+        c.optimizer.zero_grad(set_to_none=True)
+        c.scaler.update(False)
+        if not c.scaler.enabled:
             raise _Diverged(mean_loss)
-        return mean_loss, False
+        return False
+    scale = c.scaler.scale if c.scaler.enabled else 1.0
     if scale != 1.0:
-        for p in vectors.params:
+        for p in c.vectors.params:
             p.grad.div_(scale)
-    if config.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(vectors.params, config.max_grad_norm)
-    for group in optimizer.param_groups:
+    if c.config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(c.vectors.params, c.config.max_grad_norm)
+    for group in c.optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scaler.update(True)
-    return mean_loss, True
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    c.scaler.update(True)
+    return True
 
 
 def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prompt: str, data: TrainingData,
@@ -417,28 +557,12 @@ def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prom
 # ---------------------------------------------------------------------------- the run
 
 
-def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | None = None) -> Embedding:
-    """Train `config.token` on `config.images` with the loaded model `sd`; return the embedding.
-
-    With config.output set, writes the run's files there (minti.training.run_folder) and handles
-    Ctrl-C/SIGTERM by saving and returning early (the returned step is then < config.steps).
-    on_step(StepInfo) runs after every optimizer step; returning False stops like Ctrl-C.
-    Raises minti.errors.UserError for bad input and for a loss that turns NaN/inf without fp16
-    loss scaling (after saving the last good embedding).
-    """
-    _validate(config)
-    _freeze(sd)
-    vae_was_loaded = _restore_vae(sd)  # needed once, to cache the latents
+def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short_hash: str | None,
+             world: distributed.World) -> _Concept:
+    """Everything one concept needs before its first step: its state when resuming, vectors,
+    placeholder token, images, optimizer and loss scaler."""
+    lr_at, templates, resolution = setup
     folder = RunFolder(config.output) if config.output is not None else None
-    # Hashing a multi-GB file takes seconds: only when files are written or a resume is checked.
-    needs_identity = folder is not None or config.resume is not None
-    short_hash = checkpoint_short_hash(sd.source) if needs_identity else None
-    identity = model_identity(sd, short_hash) if needs_identity else None
-    with _as_user_error():
-        lr_at = lr_schedules.make_lr_schedule(config.lr, config.lr_schedule, config.steps, config.warmup_steps)
-        templates = tpl.load_templates(config.template)
-        resolution = training_resolution(sd, config)
-        plan = memory.apply(sd, config.memory, resolution, config.batch_size, config.vram)
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
     if state is None and folder is not None:
@@ -447,53 +571,154 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
     preview_prompt = _preview_prompt(config, data.templates)
-    _log_how_it_runs(sd, plan)  # only once the input is valid: a bad flag gets its one error line
     vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
                        short_hash, _checkpoint_name(sd.source))
     optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     fp16 = sd.dtype == torch.float16
     scaler = LossScaler(config.loss_scale if config.loss_scale is not None else (2.0 ** 16 if fp16 else None))
-    step = resumed_at = _resume(state, vectors, optimizer, scaler) if state is not None else 0
-    acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
-    previews = folder is not None and config.preview_every > 0
+    step = _resume(state, vectors, optimizer, scaler) if state is not None else 0
+    return _Concept(config, data, vectors, optimizer, scaler, lr_at, folder if world.writes else None,
+                    preview_prompt, step=step, resumed_at=step)
 
-    with _Stop() as stop, _latents_cached(sd, data, config.latent_sampling, vae_was_loaded):
-        if folder is not None:
-            folder.write_config(config, sd, init[0].shape[0], resolution, identity)
-            folder.start_loss_log(step)
-        if previews and step == 0 and not stop.requested:
-            _preview(sd, config, folder, vectors, preview_prompt, data, step)
+
+def _finish(sd, c: _Concept, identity: dict | None) -> None:
+    """The end of a concept's run: the last preview when it reached its steps, the final save."""
+    if c.previews and c.step >= c.config.steps and c.step > c.resumed_at:
+        _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
+    if c.step > 0 and c.folder is not None:
+        c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
+
+
+def _step_info(sd, done: list[tuple], concepts: list[_Concept], iterations: int, elapsed: float) -> StepInfo:
+    """What on_step hears: `done` holds (concept, loss, lr, applied) of each concept that stepped."""
+    first = done[0][0]
+    return StepInfo(step=max(c.step for c, *_ in done), total=max(c.config.steps for c in concepts),
+                    loss=sum(loss for _, loss, _, _ in done) / len(done), lr=done[0][2],
+                    skipped=any(not applied for *_, applied in done), loss_scale=first.scaler.scale,
+                    seconds=elapsed, steps_per_second=iterations / max(elapsed, 1e-9),
+                    peak_memory=torch.cuda.max_memory_allocated(sd.device) if sd.device.type == "cuda" else None,
+                    losses={c.config.token: loss for c, loss, _, _ in done})
+
+
+def _saved_after_lost_rank(lost: distributed.RankLost, concepts: list[_Concept], identity: dict | None,
+                           world: distributed.World) -> UserError:
+    """Rank 0 saves what the last step all ranks finished left; -> the one-line error."""
+    saved = []
+    for c in concepts:
+        if c.step > 0 and c.folder is not None:
+            if c.diverged is None:  # a diverged concept saved its last good vectors already
+                c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
+            saved.append(str(c.folder.path))
+    if saved:
+        where = f"saved the last step all ranks finished in {', '.join(saved)}: continue with --resume"
+    else:
+        where = "nothing saved" if world.writes else "rank 0 writes the files"
+    return lost.user_error(max(c.step for c in concepts), where)
+
+
+def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | None = None) -> Embedding:
+    """Train `config.token` on `config.images` with the loaded model `sd`; return the embedding.
+
+    With config.output set, writes the run's files there (minti.training.run_folder) and handles
+    Ctrl-C/SIGTERM by saving and returning early (the returned step is then < config.steps).
+    on_step(StepInfo) runs after every optimizer step; returning False stops like Ctrl-C.
+    Raises minti.errors.UserError for bad input and for a loss that turns NaN/inf without fp16
+    loss scaling (after saving the last good embedding). The one-concept case of train_many.
+    """
+    return train_many(sd, [config], on_step)[0]
+
+
+def train_many(sd, configs: list[TrainConfig],
+               on_step: Callable[[StepInfo], bool | None] | None = None) -> list[Embedding]:
+    """Train several concepts at once, one TrainConfig each; return their embeddings in order.
+
+    The model is frozen, so the concepts share every forward pass: each micro-batch holds every
+    concept's samples (each prompt with its own token) and each concept's loss is the mean over
+    its own samples, so each concept trains exactly as it would alone with the same settings
+    (up to batched-kernel rounding) and writes the files of a solo run into its own output. The
+    settings that shape the model (memory, vram) must agree. A concept whose loss turns non-finite
+    keeps its last good embedding and stops alone; after the others finish, train_many raises
+    Diverged (a UserError) naming it, which holds every concept's embedding. Under torchrun every
+    rank trains its slice of each batch (minti.training.distributed); rank 0 writes the files.
+    """
+    if not configs:
+        raise UserError("no concepts to train: pass at least one TrainConfig")
+    for config in configs:
+        _validate(config)
+    _validate_together(configs)
+    world = distributed.launched()
+    _freeze(sd)
+    vae_was_loaded = _restore_vae(sd)  # needed once, to cache the latents
+    # Hashing a multi-GB file takes seconds: only when files are written or a resume is checked.
+    needs_identity = any(c.output is not None or c.resume is not None for c in configs)
+    short_hash = checkpoint_short_hash(sd.source) if needs_identity else None
+    identity = model_identity(sd, short_hash) if needs_identity else None
+    with _as_user_error():
+        setups = [(lr_schedules.make_lr_schedule(c.lr, c.lr_schedule, c.steps, c.warmup_steps),
+                   tpl.load_templates(c.template), training_resolution(sd, c)) for c in configs]
+        # one batch on each rank holds every concept's samples: plan the memory for all of them
+        plan = memory.apply(sd, configs[0].memory, max(s[2] for s in setups), sum(c.batch_size for c in configs),
+                            configs[0].vram)
+    concepts = [_concept(sd, config, setup, identity, short_hash, world) for config, setup in zip(configs, setups)]
+    _log_how_it_runs(sd, plan)  # only once the input is valid: a bad flag gets its one error line
+    acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)  # once, not per step
+    iterations = 0
+
+    with _Stop(second_interrupt_raises=world.size == 1) as stop, distributed.joined(world, sd.device), \
+            _latents_cached(sd, concepts, vae_was_loaded):
+        for c in concepts:
+            if c.folder is not None:
+                c.folder.write_config(c.config, sd, c.vectors.params[0].shape[0], c.data.resolution, identity)
+                c.folder.start_loss_log(c.step)
+            if c.previews and c.step == 0 and not stop.requested:
+                _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
         start = time.perf_counter()
         if sd.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(sd.device)
-        while step < config.steps and not stop.requested:
-            lr = lr_at(step)
-            try:
-                loss, applied = _optimizer_step(sd, config, data, vectors, acp, optimizer, scaler, step, lr)
-            except _Diverged as e:  # keep the last good vectors, then stop
-                if folder is not None:
-                    folder.save(vectors.embedding(step), identity, optimizer, scaler)
-                raise e.user_error(step, folder) from None
-            step += 1
-            elapsed = time.perf_counter() - start
-            info = StepInfo(step=step, total=config.steps, loss=loss, lr=lr, skipped=not applied,
-                            loss_scale=scaler.scale, seconds=elapsed,
-                            steps_per_second=(step - resumed_at) / max(elapsed, 1e-9),
-                            peak_memory=torch.cuda.max_memory_allocated(sd.device) if sd.device.type == "cuda" else None)
-            if folder is not None:
-                folder.log_loss({"step": step, "loss": loss, "lr": lr, "skipped": not applied,
-                                 "loss_scale": scaler.scale, "seconds": round(elapsed, 3)})
-            if folder is not None and config.save_every and step % config.save_every == 0 and step < config.steps:
-                folder.save(vectors.embedding(step), identity, optimizer, scaler, intermediate=True)
-            if previews and step % config.preview_every == 0 and step < config.steps:
-                _preview(sd, config, folder, vectors, preview_prompt, data, step)
-            if on_step is not None and on_step(info) is False:
-                stop.requested = True
-        if previews and step >= config.steps and step > resumed_at:
-            _preview(sd, config, folder, vectors, preview_prompt, data, step)
-        if step == 0 and stop.requested:
+        try:
+            # every rank takes the same decisions from the same all-reduced numbers; the stop flag
+            # is shared too, so all ranks end at the same step
+            while (active := [c for c in concepts if c.training]) and not distributed.any_rank(stop.requested, world):
+                losses = _forward_backward(sd, active, acp, world).tolist()
+                done = []  # (concept, loss, lr, applied) of the concepts that made their step
+                for c, loss in zip(active, losses):
+                    lr = c.lr_at(c.step)
+                    try:
+                        applied = _optimizer_step(c, loss, lr)
+                    except _Diverged as e:  # keep the last good vectors; this concept stops, the others go on
+                        c.diverged = e
+                        if c.folder is not None:
+                            c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
+                        if len(concepts) > 1:
+                            log.error("%s: %s", c.config.token, e.user_error(c.step, c.folder))
+                        continue
+                    c.step += 1
+                    done.append((c, loss, lr, applied))
+                    elapsed = time.perf_counter() - start
+                    if c.folder is not None:
+                        c.folder.log_loss({"step": c.step, "loss": loss, "lr": lr, "skipped": not applied,
+                                           "loss_scale": c.scaler.scale, "seconds": round(elapsed, 3)})
+                    if c.folder is not None and c.config.save_every and c.step % c.config.save_every == 0 \
+                            and c.step < c.config.steps:
+                        c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler, intermediate=True)
+                    if c.previews and c.step % c.config.preview_every == 0 and c.step < c.config.steps:
+                        _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
+                if done:
+                    iterations += 1
+                    info = _step_info(sd, done, concepts, iterations, time.perf_counter() - start)
+                    if on_step is not None and on_step(info) is False:
+                        stop.requested = True
+        except distributed.RankLost as e:  # the vectors are those of the last step every rank finished
+            raise _saved_after_lost_rank(e, concepts, identity, world) from None
+        for c in concepts:
+            if c.diverged is None:
+                _finish(sd, c, identity)
+        if stop.requested and all(c.step == 0 for c in concepts):
             log.warning("stopped before the first step: nothing was saved")
-        elif step > 0 and folder is not None:
-            folder.save(vectors.embedding(step), identity, optimizer, scaler)
-    return vectors.embedding(step)
+    embeddings = [c.vectors.embedding(c.step) for c in concepts]
+    diverged = [c for c in concepts if c.diverged is not None]
+    if diverged:
+        raise Diverged([(c.config.token, c.diverged.user_error(c.step, c.folder)) for c in diverged], embeddings)
+    return embeddings
+

@@ -15,8 +15,10 @@ back to resume is minti.training.run_folder's; the settings are minti.training.c
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -28,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from minti import atomic, diffusion, sampling
-from minti.errors import UserError
+from minti.errors import RunError, UserError, missing_path
 from minti.training import lr_schedules, memory
 from minti.training import templates as tpl
 from minti.training.config import TrainConfig
@@ -39,6 +41,14 @@ from minti.training.run_folder import RunFolder, checkpoint_short_hash, model_id
 log = logging.getLogger("minti")
 
 MAX_VECTORS = 75  # a prompt holds 75 content tokens; more vectors than that can never be used
+# The largest training size accepted: four times SDXL's, past any published fine-tune; larger is a typo
+# that would otherwise end in an out-of-memory crash while resizing the images.
+MAX_RESOLUTION = 4096
+# What --init treats as a file rather than words: the embedding, model and image suffixes (and the
+# usual typo of .safetensors), besides anything with a path separator.
+PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".safetensor", ".sft", ".png", ".jpg", ".jpeg",
+                 ".webp")
+EMBEDDING_MAX_BYTES = 64 * 2**20  # far above any embedding (kilobytes), far below any model (gigabytes)
 
 
 @dataclass
@@ -72,6 +82,10 @@ class _Stop:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.warning("%s received: stopping after this step and saving (press Ctrl-C again to quit at once, "
+                        "keeping the last save)", what)
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -127,16 +141,41 @@ def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([rows[i * rows.shape[0] // n] for i in range(n)])
 
 
+def looks_like_a_path(init: str) -> bool:
+    """Whether --init names a file rather than words: a path separator or a file suffix. A bare word
+    is words even when a folder of that name happens to exist here."""
+    return "/" in init or "\\" in init or Path(init.strip()).suffix.lower() in PATH_SUFFIXES
+
+
+def init_embedding(init: str) -> Embedding | None:
+    """The embedding --init names, None for words. Anything that looks like a path and is not a
+    readable embedding is an error, never quietly prompt words."""
+    if not looks_like_a_path(init):
+        return None
+    path = Path(init.strip()).expanduser()
+    if not path.exists():
+        reason = missing_path(path)
+        raise UserError(f"--init {init} {reason}" + (": pass an embedding file (.pt/.safetensors) or words, "
+                                                     "e.g. --init cat" if reason == "does not exist" else ""))
+    if path.is_file() and path.stat().st_size > EMBEDDING_MAX_BYTES:
+        raise UserError(f"--init {init} is {path.stat().st_size / 2**30:.1f} GiB: a model checkpoint, not an "
+                        "embedding; pass an embedding file (.pt/.safetensors) or words, e.g. --init cat")
+    try:
+        return load_embedding(path)
+    except ValueError as e:
+        raise UserError(f"--init {init}: {e}") from None
+
+
 def initial_vectors(sd, init: str, n: int | None) -> list[torch.Tensor]:
-    """fp32 CPU [n, dim] per encoder, from init words or an embedding file."""
-    if Path(init).suffix.lower() in (".pt", ".bin", ".safetensors"):
-        try:
-            emb = load_embedding(init)
-        except ValueError as e:
-            raise UserError(f"--init {init}: {e}") from None
+    """fp32 CPU [n, dim] per encoder, from init words or an embedding file (init_embedding)."""
+    emb = init_embedding(init)
+    if emb is not None:
         if emb.dims != list(sd.embedding_dims):
             raise UserError(f"--init {mismatch(init, emb, sd)}, or init from words")
         n = n or emb.n_vectors
+        if n < emb.n_vectors:
+            log.warning("--init %s holds %d vectors but --vectors is %d: only %d of them start the embedding "
+                        "(evenly picked, as A1111 does)", init, emb.n_vectors, n, n)
         return [spread(v, n) for v in emb.vectors]
     n = n or 1
     out = []
@@ -145,6 +184,10 @@ def initial_vectors(sd, init: str, n: int | None) -> list[torch.Tensor]:
         if not ids:
             raise UserError(f"--init {init!r} tokenizes to nothing: give one or more words that describe the "
                             "concept's kind, e.g. --init cat")
+        if len(ids) > n and not out:  # once, for the first text encoder
+            log.warning("--init %r is %d tokens but the embedding has %d vector%s: only %d of them start it "
+                        "(evenly picked, as A1111 does); pass --vectors %d to start from every one", init, len(ids),
+                        n, "s" if n > 1 else "", n, len(ids))
         rows = token_table(encoder)[torch.tensor(ids, device=token_table(encoder).device)]
         out.append(spread(rows.detach().float().cpu().clone(), n))
     return out
@@ -169,7 +212,7 @@ def register_token(sd, token: str, n: int) -> int:
 
 def training_resolution(sd, config: TrainConfig) -> int:
     """config.resolution, or the model family's native size; checked against the UNet's depth."""
-    res = config.resolution or sd.default_size
+    res = config.resolution if config.resolution is not None else sd.default_size
     factor = sampling.latent_factor(sd)
     # The UNet halves the latent once per level below the first; the latent must survive that.
     levels = len(sd.unet.cfg.channel_mult) - 1 if hasattr(sd.unet, "cfg") else 3
@@ -183,20 +226,57 @@ def _validate(config: TrainConfig) -> None:
     if config.vectors is not None and not 1 <= config.vectors <= MAX_VECTORS:
         raise UserError(f"--vectors {config.vectors} is outside 1-{MAX_VECTORS}: a prompt holds at most "
                         f"{MAX_VECTORS} tokens (A1111 uses 1-8 in practice)")
-    for name in ("steps", "save_every", "preview_every", "warmup_steps"):
+    for name in ("steps", "save_every", "preview_every", "warmup_steps"):  # steps=0: the init embedding (API)
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     for name in ("batch_size", "grad_accum", "repeats", "preview_steps"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.preview_steps > sampling.MAX_STEPS:
+        raise UserError(f"--preview-steps {config.preview_steps} is more than the {sampling.MAX_STEPS} a sampler "
+                        "can take (20-50 are usual)")
+    if config.resolution is not None and not 1 <= config.resolution <= MAX_RESOLUTION:
+        raise UserError(f"--resolution {config.resolution} is outside 1-{MAX_RESOLUTION}: pass the training size in "
+                        "pixels (512 for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL), or leave it out")
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise UserError(f"--max-grad-norm must be > 0, got {config.max_grad_norm}")
     if config.images is None:
         raise UserError("no training images: pass --images with a folder of 3-20 pictures of the concept")
+    _check_images_folder(Path(config.images))
+    init_embedding(config.init)  # a file --init names is read before the model loads, so it fails fast
     if not config.token or any(c.isspace() for c in config.token):
         raise UserError(f"--token {config.token!r} must be one word without spaces, e.g. <my-cat>")
+    if not re.search(r"\w", config.token):  # the files are named after it: '<>' would make "embedding.pt"
+        raise UserError(f"--token {config.token!r} has no letters or digits to name its files by: use a word "
+                        "such as <my-cat>")
     if config.preview_sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown preview sampler {config.preview_sampler!r}: use {' or '.join(sampling.SAMPLERS)}")
+
+
+def _warn_about(config: TrainConfig) -> None:
+    """Settings that are valid but almost certainly not meant (once per run; _validate may run twice)."""
+    if isinstance(config.lr, (int, float)) and config.lr == 0:
+        log.warning("--lr 0: the vectors will not change; pass a learning rate such as --lr 5e-3")
+
+
+def _check_images_folder(folder: Path) -> None:
+    """What the image reader (minti.training.data) cannot tell apart: a link that loops or points
+    nowhere is not a missing folder, and a folder whose images all sit in subfolders is not empty."""
+    from minti.training.data import IMAGE_EXTENSIONS
+
+    if not folder.exists():
+        reason = missing_path(folder)
+        if reason != "does not exist":
+            raise UserError(f"--images {folder} {reason}")
+        return  # the reader says it, with the formats it takes
+    if not folder.is_dir() or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir() if p.is_file()):
+        return
+    nested = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if nested:
+        subfolders = sorted({p.parent.name + "/" for p in nested})
+        which = f"subfolders {', '.join(subfolders[:4])} hold" if len(subfolders) > 1 else f"subfolder {subfolders[0]} holds"
+        raise UserError(f"--images {folder} has no images of its own, but its {which} {len(nested)}: pass one as "
+                        "--images (minti reads only the images directly inside the folder)")
 
 
 def kernels_in_use(sd) -> str:
@@ -322,8 +402,11 @@ class _Vectors:
             out.append(v)
         return out
 
-    def embedding(self, step: int) -> Embedding:
-        return Embedding(self.token, [p.detach().float().cpu() for p in self.params], step=step,
+    def embedding(self, step: int, values: list[torch.Tensor] | None = None) -> Embedding:
+        """The vectors as an Embedding of `step`; `values`: earlier vectors to give instead (a
+        diverged run keeps its last good ones)."""
+        values = values if values is not None else [p.detach() for p in self.params]
+        return Embedding(self.token, [v.float().cpu() for v in values], step=step,
                          sd_checkpoint=self.sd_checkpoint, sd_checkpoint_name=self.sd_checkpoint_name)
 
 
@@ -366,10 +449,37 @@ class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         self.loss = loss
 
-    def user_error(self, step: int, folder: RunFolder | None) -> UserError:
-        where = f"; the embedding from step {step} is in {folder.path}" if folder is not None else ""
-        return UserError(f"the loss or its gradient became non-finite at step {step + 1} (loss {self.loss}; "
-                         f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
+    def user_error(self, step: int, folder: RunFolder | None, kept: int | None) -> RunError:
+        """step: optimizer steps done when the loss of the next one was not finite; kept: the step
+        of the vectors kept (the last whose loss and gradient were finite), None if none was."""
+        if kept is None:  # the very vectors this session started from: the model or the data
+            start = "before any update" if step == 0 else f"at the first step after resuming from step {step}"
+            return RunError(f"the loss is {self.loss} {start}, so it is not the learning rate: the model's "
+                            "weights or the images give NaN/inf (a broken merge or conversion can hold NaN "
+                            "weights); check the checkpoint, or train with --dtype float32; nothing was saved")
+        where = (f"; kept the embedding of step {kept}, the last with a finite loss, in {folder.path}"
+                 if folder is not None else f"; the last embedding with a finite loss is from step {kept}")
+        return RunError(f"the loss or its gradient became non-finite at step {step + 1} (loss {self.loss}; "
+                        f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
+
+
+class _LastGood:
+    """The vectors and optimizer state of the last step whose loss and gradient were finite, so that
+    a diverged run keeps those, never the update that then produced NaN/inf. Copies of a few
+    [n, dim] tensors per step: nothing next to a UNet step."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.vectors: list[torch.Tensor] = []
+        self.optimizer: dict = {}
+        self._pending: tuple = ()
+
+    def before(self, step: int, vectors: _Vectors, optimizer: torch.optim.Optimizer) -> None:
+        """The state `step` is about to be updated from; it becomes the good one once its loss is."""
+        self._pending = (step, [p.detach().clone() for p in vectors.params], copy.deepcopy(optimizer.state_dict()))
+
+    def finite(self) -> None:
+        self.step, self.vectors, self.optimizer = self._pending
 
 
 def _optimizer_step(sd, config: TrainConfig, data: TrainingData, vectors: _Vectors, acp: torch.Tensor,
@@ -411,7 +521,12 @@ def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prom
                                 method=config.preview_sampler, height=data.resolution, width=data.resolution,
                                 shape=tuple(data.latents.shape[1:]))
     pixels = sampling.decode(sd, latents)  # the VAE comes back for this only, the UNet waits on the host
-    atomic.save_png(sampling.to_pil(pixels)[0], folder.preview_path(file_stem(config.token), step))
+    path = folder.preview_path(file_stem(config.token), step)
+    try:
+        atomic.save_png(sampling.to_pil(pixels)[0], path)
+    except OSError as e:  # a preview is for looking at: a full disk here must not end (or lose) the run
+        log.warning("could not write the preview %s (%s); training goes on", path, e.reason
+                    if isinstance(e, atomic.WriteError) else e.strerror or e)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -427,6 +542,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     loss scaling (after saving the last good embedding).
     """
     _validate(config)
+    _warn_about(config)
     _freeze(sd)
     vae_was_loaded = _restore_vae(sd)  # needed once, to cache the latents
     folder = RunFolder(config.output) if config.output is not None else None
@@ -441,8 +557,8 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
         plan = memory.apply(sd, config.memory, resolution, config.batch_size, config.vram)
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
-    if state is None and folder is not None:
-        folder.refuse_if_taken(config.overwrite)
+    if folder is not None:
+        folder.check_start(config)
     init = initial_vectors(sd, config.init, config.vectors or (state["n_vectors"] if state else None))
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
@@ -467,14 +583,19 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
         start = time.perf_counter()
         if sd.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(sd.device)
+        last_good = _LastGood()
         while step < config.steps and not stop.requested:
             lr = lr_at(step)
+            last_good.before(step, vectors, optimizer)
             try:
                 loss, applied = _optimizer_step(sd, config, data, vectors, acp, optimizer, scaler, step, lr)
-            except _Diverged as e:  # keep the last good vectors, then stop
-                if folder is not None:
-                    folder.save(vectors.embedding(step), identity, optimizer, scaler)
-                raise e.user_error(step, folder) from None
+            except _Diverged as e:  # keep the last vectors whose loss was finite, then stop
+                if folder is not None and last_good.step is not None:
+                    folder.save(vectors.embedding(last_good.step, last_good.vectors), identity, optimizer, scaler,
+                                optimizer_state=last_good.optimizer)
+                raise e.user_error(step, folder, last_good.step) from None
+            if applied:
+                last_good.finite()
             step += 1
             elapsed = time.perf_counter() - start
             info = StepInfo(step=step, total=config.steps, loss=loss, lr=lr, skipped=not applied,
@@ -490,10 +611,11 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
                 _preview(sd, config, folder, vectors, preview_prompt, data, step)
             if on_step is not None and on_step(info) is False:
                 stop.requested = True
-        if previews and step >= config.steps and step > resumed_at:
-            _preview(sd, config, folder, vectors, preview_prompt, data, step)
+        # the save first: a preview that fails (a full disk) must not cost the steps since the last save
         if step == 0 and stop.requested:
             log.warning("stopped before the first step: nothing was saved")
         elif step > 0 and folder is not None:
             folder.save(vectors.embedding(step), identity, optimizer, scaler)
+        if previews and step >= config.steps and step > resumed_at:
+            _preview(sd, config, folder, vectors, preview_prompt, data, step)
     return vectors.embedding(step)

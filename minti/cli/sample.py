@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or 1
     if n < 1 or batch < 1 or steps < 1:
         raise UserError("--n, --batch-size and --steps must be >= 1")
+    if not math.isfinite(guidance):
+        raise UserError(f"--cfg {args.cfg} is not a number: pass the guidance scale, e.g. --cfg 7.5")
     if steps > smp.MAX_STEPS:
         raise UserError(f"--steps {steps} is more than the {smp.MAX_STEPS} a sampler can take (20-50 are usual)")
     for name, value in (("--width", args.width), ("--height", args.height)):

@@ -27,7 +27,9 @@ import json
 import logging
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -165,8 +167,19 @@ class RunFolder:
                   "dtype": str(sd.dtype).removeprefix("torch."), "weights": getattr(sd, "weights", None),
                   "device": str(sd.device), "identity": identity,
                   "minti": _version()}
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+        with self._writing(CONFIG_FILE):
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """A file written before the first step: a full disk there is one line, nothing lost yet."""
+        try:
+            yield
+        except OSError as e:
+            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
+            raise RunError(f"cannot write {self.path / name} ({reason}) before the first step; free space (or pick "
+                           "another --output) and run again") from None
 
     def read_config(self) -> dict:
         """config.json as written by write_config, its "config" holding TrainConfig fields under
@@ -251,7 +264,8 @@ class RunFolder:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue
-        atomic.write_text(path, "".join(line + "\n" for line in kept))
+        with self._writing(LOSS_LOG):
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
 
     def log_loss(self, record: dict) -> None:
         """One line of loss.jsonl. The log is for reading, not resuming: a failed write (a full disk)

@@ -240,6 +240,8 @@ def _validate(config: TrainConfig) -> None:
                         "pixels (512 for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL), or leave it out")
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise UserError(f"--max-grad-norm must be > 0, got {config.max_grad_norm}")
+    if config.vram is not None and not (config.vram > 0 and math.isfinite(config.vram)):
+        raise UserError(f"--vram must be a positive number of GiB, got {config.vram}")
     if config.images is None:
         raise UserError("no training images: pass --images with a folder of 3-20 pictures of the concept")
     _check_images_folder(Path(config.images))

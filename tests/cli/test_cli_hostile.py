@@ -401,6 +401,8 @@ BAD_ARGUMENTS = {  # case -> (argv from (tiny, images, tmp_path, monkeypatch), w
                           ["--steps 1001"]),
     "preview steps 1000": (lambda t, i, p, m: train_args(t, i, p / "o", "--preview-steps", "1000"),
                            ["--preview-steps 1000", "999"]),
+    "vram -1": (lambda t, i, p, m: train_args(t, i, p / "o", "--vram", "-1"), ["--vram", "-1"]),
+    "sample cfg nan": (lambda t, i, p, m: ["sample", "--model", t, "--prompt", "x", "--cfg", "nan"], ["--cfg nan"]),
 }
 
 

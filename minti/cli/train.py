@@ -288,8 +288,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     out = Path(config.output)
-    files = [out / f"{emb.name}.safetensors"] + ([] if emb.is_sdxl else [out / f"{emb.name}.pt",
-                                                                         out / "learned_embeds.safetensors"])
+    files = list(RunFolder(out).embedding_files(emb))
     elapsed = _duration(time.perf_counter() - started)
     if emb.step < config.steps:
         if emb.step == 0 and not (out / "state.pt").exists():

@@ -28,10 +28,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # (the old file's, or 0666 minus the umask): another user's A1111/ComfyUI must read it
         os.chmod(tmp_path, _mode_for(path))
         os.replace(tmp_path, path)
-    except BaseException:  # also KeyboardInterrupt: never leave a stray temporary behind
+    except BaseException as e:  # also KeyboardInterrupt: never leave a stray temporary behind
         tmp_path.unlink(missing_ok=True)
+        if not isinstance(e, OSError) and _is_write_failure(e):
+            raise WriteError(path, _why_writing_failed(path, e)) from e
         raise
     _fsync_dir(path.parent)
+
+
+class WriteError(OSError):
+    """A write that failed for lack of room (a full disk, a file-size limit) or another I/O error,
+    raised by a library in its own words (torch.save: "unexpected pos ...", "basic_ios::clear";
+    safetensors: "I/O error"). `reason` says it in a user's."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+# What torch.save (its C++ zip writer) and safetensors (Rust) say when the bytes did not reach the file.
+_WRITE_FAILURE_MARKERS = ("inline_container", "basic_ios", "file write failed", "PytorchStreamWriter",
+                          "I/O error", "os error", "No space left", "File too large")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, Exception) and any(m in str(e) for m in _WRITE_FAILURE_MARKERS)
+
+
+def _why_writing_failed(path: Path, e: BaseException) -> str:
+    """The likely cause, since torch's message does not say: a full disk, a file-size limit, or
+    the library's first line."""
+    text = str(e)
+    try:
+        stat = os.statvfs(path.parent)
+        if stat.f_bavail * stat.f_frsize < 64 * 2**20 or "No space left" in text or "os error 28" in text:
+            return "the disk is full (No space left on device)"
+    except (OSError, AttributeError):  # statvfs: POSIX only
+        pass
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY or "File too large" in text or "os error 27" in text:
+            return "the file-size limit was reached (File too large; see ulimit -f)"
+    except ImportError:  # Windows has no resource module
+        pass
+    return "the write failed (" + " ".join(text.split())[:200] + ")"
 
 
 def _mode_for(path: Path) -> int:
@@ -55,6 +97,24 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into `folder` (created if missing), in a few words ("is a file",
+    "cannot be written (Read-only file system ...)"), or None. Probes with a temporary file in the
+    folder or its nearest existing parent: permissions alone miss read-only mounts and root."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "is a file: pass a folder"
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return f"cannot be made: {existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e} in {existing}): pick a folder you can write to"
+    return None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

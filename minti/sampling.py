@@ -16,14 +16,17 @@ import torch
 from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, to_x0
 
 SAMPLERS = ("ddim", "euler")
+# DDIM's timesteps are shifted up by one (SD's steps_offset), so at 1000 steps the first would be
+# timestep 1000, past the schedule's last (999).
+MAX_STEPS = NUM_TRAIN_TIMESTEPS - 1
 # model_fn(x, t) -> eps or v for the batch x [B,C,h,w] at timestep(s) t (float tensor [B])
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ddim_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
     """SD's DDIM timesteps: every (num_train // steps)-th step from the top, shifted by 1."""
-    if not 1 <= steps <= num_train:
-        raise ValueError(f"sampling steps must be in 1..{num_train}, got {steps}")
+    if not 1 <= steps <= num_train - offset:
+        raise ValueError(f"sampling steps must be in 1..{num_train - offset}, got {steps}")
     ratio = num_train // steps
     return [int(t) + offset for t in (np.arange(0, steps) * ratio).round()[::-1]]
 

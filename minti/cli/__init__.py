@@ -23,15 +23,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m minti",
         description="minti: minimal-memory textual inversion for Stable Diffusion (SD 1.x, 2.x, XL).",
     )
+    parser.add_argument("--version", action="version", version=f"minti {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (help_text, module_name) in SUBCOMMANDS.items():
         importlib.import_module(module_name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
+def _version() -> str:
+    import minti
+
+    return minti.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one subcommand; -> its exit status: 0, 2 for input refused (UserError, as argparse does),
+    1 for a run that failed after it started (RunError), 130 for Ctrl-C."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # while the subcommands' modules import
+        print("minti: interrupted while starting; nothing was done", file=sys.stderr)
+        return 130
     if args.command is None:
         parser.print_help()
         return 2
@@ -39,5 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(module_name).run(args)
     except UserError as e:
-        print(f"minti {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"minti {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # a subcommand that saves on Ctrl-C says so itself; this is the rest
+        print(f"minti {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: Exception) -> str:
+    # a message built from a library's text (a path, an OSError) must not break the one-line promise
+    return " ".join(str(e).split())

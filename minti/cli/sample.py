@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
-from minti.errors import UserError
+from minti.errors import RunError, UserError, missing_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "token stored in a diffusers file)")
     parser.add_argument("--prompt", help="what to draw, e.g. 'a photo of <my-cat> on the beach'")
     parser.add_argument("--negative", default=None, help="negative prompt (default empty)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 30)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1-999 (default 30)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5; 4 "
                         "with the demo model)")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default=None, help="deterministic sampler "
@@ -77,7 +78,31 @@ def register_embeddings(sd, paths: list[str], prompt: str, token: str | None = N
             rows[i].append(v)
     if not paths:
         return None
-    return [torch.cat(r) for r in rows]
+    extra = [torch.cat(r) for r in rows]
+    _refuse_non_finite_text(sd, prompt, extra, paths)
+    return extra
+
+
+def _refuse_non_finite_text(sd, prompt: str, extra: list, paths: list[str]) -> None:
+    """Finite vectors can still be too large for the text encoder (a diverged run's): the images
+    would come out black. One forward pass of the prompt tells, and one without the embeddings
+    whether it is them or the model."""
+    import torch
+
+    def finite(extra_rows) -> bool:
+        with torch.no_grad():
+            context, pooled = sd.encode_text([prompt], extra_rows)
+        return bool(torch.isfinite(context).all()) and (pooled is None or bool(torch.isfinite(pooled).all()))
+
+    if finite([v.to(sd.device, sd.dtype) for v in extra]):
+        return
+    if not finite([torch.zeros_like(v, device=sd.device, dtype=sd.dtype) for v in extra]):
+        raise UserError(f"--model {sd.source}: its text encoder's output is NaN/inf whatever the embedding (NaN "
+                        "weights?): use another checkpoint")
+    largest = max(float(v.abs().max()) for v in extra)
+    raise UserError(f"--embedding {', '.join(paths)}: the text encoder's output is NaN/inf with "
+                    f"{'this embedding' if len(paths) == 1 else 'these embeddings'} (values up to {largest:.3g}; "
+                    "a diverged training run?): use an earlier save")
 
 
 def _next_index(out: Path) -> int:
@@ -85,10 +110,16 @@ def _next_index(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+MAX_SIZE = 4096  # as training's --resolution: anything larger is a typo, not an image size
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from minti import atomic
     from minti import sampling as smp
-    from minti.cli.train import load_model, setup_logging
+    from minti.cli.train import load_model, resolve_device, setup_logging
+    from minti.training.embedding import load_embedding
 
     setup_logging()
     model, native_size, guidance = args.model, None, 7.5
@@ -102,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"no prompt: pass --prompt, e.g. --prompt 'a large red star on a striped green "
                             f"background', or after the demo --embedding {demo.OUTPUT / 'demo.safetensors'} "
                             f"--prompt '{demo.PROMPT}'")
-        print(f"minti sample: no --model: using the demo model {model}", file=sys.stderr)
     if not args.prompt:
         raise UserError("no prompt: pass --prompt, e.g. --prompt 'a photo of <my-cat> on the beach'")
     guidance = guidance if args.cfg is None else args.cfg
@@ -111,9 +141,27 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or 1
     if n < 1 or batch < 1 or steps < 1:
         raise UserError("--n, --batch-size and --steps must be >= 1")
-    for path in args.embedding or []:
+    if not math.isfinite(guidance):
+        raise UserError(f"--cfg {args.cfg} is not a number: pass the guidance scale, e.g. --cfg 7.5")
+    if steps > smp.MAX_STEPS:
+        raise UserError(f"--steps {steps} is more than the {smp.MAX_STEPS} a sampler can take (20-50 are usual)")
+    for name, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and not 1 <= value <= MAX_SIZE:
+            raise UserError(f"{name} {value} is outside 1-{MAX_SIZE}: pass the image size in pixels")
+    for path in args.embedding or []:  # read before the model loads: a bad file fails fast
         if not Path(path).exists():
-            raise UserError(f"--embedding {path} does not exist: check the path")
+            reason = missing_path(path)
+            raise UserError(f"--embedding {path} {reason}" + (": check the path" if reason == "does not exist" else ""))
+        try:
+            load_embedding(path)
+        except ValueError as e:
+            raise UserError(f"--embedding {e}" if str(e).startswith(str(path)) else str(e)) from None
+    out = Path(args.out or Path("runs") / "samples")
+    if (problem := atomic.folder_problem(out)) is not None:
+        raise UserError(f"--out {out} {problem}")
+    resolve_device(args.device)
+    if args.model is None:
+        print(f"minti sample: no --model: using the demo model {model}", file=sys.stderr)
     sd = load_model(model, args.device, args.dtype, args.prediction, args.weights)
     extra = register_embeddings(sd, args.embedding or [], args.prompt, args.token)
     size = native_size or sd.default_size
@@ -123,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(f"--width/--height: {e}") from None
     sd.offload_vae()  # sampling needs only the UNet and text encoders; smp.decode brings it back
-    out = Path(args.out or Path("runs") / "samples")
     out.mkdir(parents=True, exist_ok=True)
     seed = 0 if args.seed is None else args.seed
     first = _next_index(out)
@@ -133,10 +180,18 @@ def run(args: argparse.Namespace) -> int:
         latents = smp.generate(sd, [args.prompt] * len(seeds), extra=extra, negative=args.negative or "",
                                steps=steps, guidance=guidance, seeds=seeds,
                                height=height, width=width, method=args.sampler or "ddim", shape=shape)
-        pixels = smp.decode(sd, latents)
+        pixels = smp.decode(sd, latents) if bool(torch.isfinite(latents).all()) else latents
+        if not bool(torch.isfinite(pixels).all()):  # they would be saved as black squares
+            raise RunError(f"the images of seeds {seeds[0]}-{seeds[-1]} came out NaN/inf: the model gives non-finite "
+                           f"values (NaN weights?) or the settings overflow (try --dtype float32); "
+                           f"{len(written)} image{'s' if len(written) != 1 else ''} written before")
         for s, image in zip(seeds, smp.to_pil(pixels)):
             path = out / f"{first + len(written):05d}-seed{s}.png"
-            atomic.save_png(image, path)
+            try:
+                atomic.save_png(image, path)
+            except OSError as e:
+                raise RunError(f"cannot write {path} ({e.reason if isinstance(e, atomic.WriteError) else e.strerror or e}); "
+                               f"{len(written)} image{'s' if len(written) != 1 else ''} written before") from None
             written.append(path)
             print(path, file=sys.stderr)
     print(f"minti sample: {len(written)} image{'s' if len(written) != 1 else ''} in {out}")

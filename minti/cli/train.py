@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from minti.errors import UserError
+from minti.errors import UserError, missing_path
 from minti.training.config import DEVICE, GROUPS, WHAT, TrainConfig, known_fields
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -93,7 +93,10 @@ def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     is_demo = args.model is None and args.resume is None
     if is_demo:
         demo.require()
+        named_output = "output" in given and "overwrite" not in given
         given = {**demo.train_defaults(), **given, "model": str(demo.DEMO_MODEL)}
+        if named_output:  # the demo redoes its own folder freely, never one the user named
+            given["overwrite"] = False
     load = {"model": given.get("model"), "device": given.get("device"), "dtype": given.get("dtype"),
             "prediction": given.get("prediction"), "weights": given.get("weights"), "demo": is_demo}
     if args.resume is not None:
@@ -121,18 +124,45 @@ def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     return load, TrainConfig(**values)
 
 
+def resolve_device(device: str | None) -> str:
+    """--device checked against what minti runs on and what this machine has; None: cuda when
+    available, else cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        hint = " (did you mean cuda?)" if device.lower() in ("gpu", "nvidia", "cuda0") else ""
+        raise UserError(f"--device {device} is not a device{hint}: use cuda, cuda:N or cpu") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                            f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: no Apple GPU (MPS) is available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise UserError(f"--device {device} is not supported: minti runs on cuda (NVIDIA GPUs) or cpu")
+    return device
+
+
 def load_model(model: str, device: str | None, dtype: str | None, prediction: str | None,
                weights: str | None = None):
     import torch
 
     import minti
 
-    if not torch.cuda.is_available() and device is not None and device.startswith("cuda"):
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     if not Path(model).exists():
-        raise UserError(f"--model {model} does not exist: pass a .safetensors/.ckpt file or a diffusers folder")
+        reason = missing_path(model)
+        raise UserError(f"--model {model} {reason}" + (": pass a .safetensors/.ckpt file or a diffusers folder"
+                                                       if reason == "does not exist" else ""))
     return minti.load(model, dtype=getattr(torch, dtype), device=device, prediction=prediction,
                       weights=None if weights in (None, "dtype") else weights)
 
@@ -146,7 +176,7 @@ def refuse_if_memory_cannot_fit(load: dict, config: TrainConfig) -> None:
     import minti
     from minti.training import memory
 
-    device = load["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(load["device"])
     on_cuda = device.startswith("cuda") and torch.cuda.is_available()
     if config.memory != "auto" or (config.vram is None and not on_cuda) or not Path(load["model"]).exists():
         return
@@ -232,7 +262,8 @@ def _duration(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from minti.training import distributed
     from minti.training.concepts import joint_run_folders
-    from minti.training.trainer import train
+    from minti.training.run_folder import RunFolder
+    from minti.training.trainer import _validate, train
 
     if args.concepts is not None or joint_run_folders(args.resume):
         from minti.cli import train_many
@@ -243,6 +274,12 @@ def run(args: argparse.Namespace) -> int:
     distributed.quiet_unless_writer(world)
     load, config = resolve(args)
     load["device"] = distributed.device_for_rank(load["device"], world)
+    # what can be refused without the model is refused before it loads (minutes for SDXL)
+    if config.steps < 1:  # in Python, steps=0 returns the starting vectors; here it would save nothing
+        raise UserError(f"--steps must be >= 1, got {config.steps}")
+    _validate(config)
+    resolve_device(load["device"])
+    RunFolder(config.output).check_start(config)
     if args.model is None and args.resume is None:
         print(f"minti train: no --model: the demo, {config.token} (init {config.init!r}) on {config.images} with "
               f"{load['model']}, {config.steps} steps, into {config.output}; pass --model to train your own",
@@ -267,8 +304,7 @@ def run(args: argparse.Namespace) -> int:
     if not world.writes:
         return 0
     out = Path(config.output)
-    files = [out / f"{emb.name}.safetensors"] + ([] if emb.is_sdxl else [out / f"{emb.name}.pt",
-                                                                         out / "learned_embeds.safetensors"])
+    files = list(RunFolder(out).embedding_files(emb))
     elapsed = _duration(time.perf_counter() - started)
     if emb.step < config.steps:
         if emb.step == 0 and not (out / "state.pt").exists():
@@ -280,7 +316,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"minti train: {config.token} trained for {emb.step} steps in {elapsed} (loss {progress.mean_loss():.4f}, "
           f"mean of the last {len(progress.recent)}): {', '.join(str(f) for f in files)}")
     if load["demo"]:
-        demo_report(sd, config, emb)
+        try:
+            demo_report(sd, config, emb)
+        except OSError as e:  # the embedding is saved; the grid and summary are extras
+            print(f"minti train: warning: could not write the demo's grid and summary ({e}); the embedding is "
+                  f"saved: {files[0]}", file=sys.stderr)
     return 0
 
 

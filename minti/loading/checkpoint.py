@@ -5,7 +5,9 @@ Three inputs, one key space. Everything downstream sees single-file key names
 each family's prefixes and diffusers folders are in minti.loading.families):
 
     .safetensors   safetensors.safe_open: header read at open, tensors memory-mapped one by one
-    .ckpt / .pt    torch.load(weights_only=True, mmap=True): a pickle that would run code is refused
+    .ckpt / .pt    torch.load(weights_only=True, mmap=True): a pickle that would run code is refused;
+                   pytorch_lightning objects (SD 1.x releases pickle its callbacks) become inert
+                   placeholders, as A1111/ComfyUI/Forge load them
     diffusers dir  model_index.json + unet/ vae/ text_encoder/ (text_encoder_2/); names are
                    converted with minti.loading.diffusers_keys.to_single_file and given single-file prefixes
 
@@ -18,9 +20,12 @@ real layouts are recognised too:
     sdxl  UNet has label_emb and 3 levels (base; real context 2048)
     sd2   no label_emb, linear proj_in (real context 1024)
     sd1   no label_emb, 1x1-conv proj_in (real context 768)
+Bytes that are no checkpoint at all (an HTML page, a git-LFS pointer, JSON, text, an empty file)
+are named for what they are before any parser sees them (what_it_is_instead).
 Refused with a message naming what the file looks like: inpainting/depth/pix2pix UNets (input
 channels != 4), the SDXL refiner (label_emb with 4 levels, context 1280, adm 2560), SD3/Flux/
-Cascade/DiT transformers, LoRAs, VAE-only and text-encoder-only files, empty/unknown files.
+Cascade/DiT transformers, LoRAs, textual-inversion embeddings, VAE-only and text-encoder-only files,
+empty/unknown files.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from minti.errors import UserError
+from minti.errors import UserError, missing_path
 from minti.loading.families import FAMILIES, UNET_PREFIX
 
 # keys inside a part that minti's modules may not have and never need: buffers that the
@@ -72,6 +77,8 @@ def detect_family(shapes: dict[str, tuple[int, ...]], path: str | Path) -> str:
     if not shapes:
         raise CheckpointError(path, "contains no tensors: not a Stable Diffusion checkpoint")
     keys = list(shapes)
+    if _looks_like_embedding(shapes):
+        raise CheckpointError(path, EMBEDDING_NOT_MODEL)
     if any(_LORA.search(k) for k in keys):
         raise CheckpointError(path, "looks like a LoRA (lora_* keys), not a full checkpoint: "
                               "minti needs a complete SD 1.x/2.x/XL model file")
@@ -105,6 +112,22 @@ def detect_family(shapes: dict[str, tuple[int, ...]], path: str | Path) -> str:
             and not any(k.startswith(FAMILIES[family].parts["text"].prefix) for k in keys):
         raise CheckpointError(path, f"mixes an {family} UNet with an {other} text encoder; not a standard checkpoint")
     return family
+
+
+EMBEDDING_NOT_MODEL = ("is a textual-inversion embedding, not a model: give it to `sample --embedding` or "
+                       "`train --init`, and pass a Stable Diffusion checkpoint as --model")
+
+
+def _looks_like_embedding(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """The layouts of minti.training.embedding: {"emb_params"}, {"clip_l", "clip_g"}, or a single
+    [N, dim] tensor named after its token (diffusers' learned_embeds)."""
+    keys = set(shapes)
+    if keys in ({"emb_params"}, {"clip_l", "clip_g"}):
+        return True
+    if len(keys) == 1:
+        shape = next(iter(shapes.values()))
+        return 1 <= len(shape) <= 2 and "." not in next(iter(keys))
+    return False
 
 
 def _what_without_unet(keys: list[str]) -> str:
@@ -194,6 +217,8 @@ class _SafetensorsReader:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
+        if (instead := what_it_is_instead(path)) is not None:  # e.g. a diffusers folder cloned without git-lfs
+            raise CheckpointError(path, instead)
         try:
             self.f = safe_open(str(path), framework="pt", device="cpu")
             keys = list(self.f.keys())
@@ -223,29 +248,127 @@ def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-def torch_load(path: Path) -> dict:
-    """torch.load that can never run code: weights_only, memory-mapped, on the CPU."""
+# ---- what a file is, from its first bytes ----------------------------------------------------------
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch's pre-1.6 format: a bare pickle
+
+
+def file_format(head: bytes, size: int) -> str | None:
+    """"pickle" (torch.save, zip or legacy) or "safetensors" from a file's first bytes; None when
+    they are neither."""
+    # safetensors first: its 8-byte little-endian header length may well start with a pickle's bytes
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTOCOLS):
+        return "pickle"
+    return None
+
+
+def what_it_is_instead(path: str | Path, noun: str = "checkpoint") -> str | None:
+    """For a file whose bytes are no model or embedding at all: what it is, in words, with the fix
+    (an HTML page, a git-LFS pointer, JSON, text, an empty or unrecognisable file); None for a file
+    that starts like a torch or safetensors file. Reads the first kilobyte only."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(1024)
+        size = f.seek(0, 2)
+    a_noun = ("an " if noun[0] in "aeiou" else "a ") + noun
+    if size == 0:
+        return f"is empty (0 bytes), not {a_noun}: the download or copy did not finish; get the file again"
+    if head.startswith(b"version https://git-lfs"):
+        return (f"is a git-LFS pointer ({size} bytes of text), not the {noun} itself: run `git lfs pull` in the "
+                "repository it came from, or download the file directly")
+    if file_format(head, size) is not None:
+        return None
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:512]:
+        return (f"is an HTML page ({size} bytes: a login, error or download page saved under this name), not "
+                f"{a_noun}: download the file itself (on Hugging Face: the download link, not the file's page)")
+    if text.startswith((b"{", b"[")):
+        return f"holds JSON text ({_snippet(head)}), not {a_noun}: download the {noun} file itself"
+    if _is_text(head):
+        return f"is a text file ({size} bytes: {_snippet(head)}), not {a_noun}"
+    return (f"is not {a_noun} (its first bytes {head[:8].hex(' ')} are neither a PyTorch zip/pickle nor a "
+            "safetensors header): the file is damaged or something else; download it again")
+
+
+def _is_text(head: bytes) -> bool:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # the pre-1.6 (non-zip) torch format cannot be memory-mapped; still weights_only
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:  # possibly cut inside a character at the 1 KiB boundary
+        decoded = head[:-3].decode("utf-8", errors="replace")
+    return bool(decoded) and sum(c.isprintable() or c in "\r\n\t" for c in decoded) >= 0.95 * len(decoded)
+
+
+def _snippet(head: bytes, n: int = 40) -> str:
+    text = " ".join(head.decode("utf-8", errors="replace").split())
+    return "starts " + repr(text[:n] + ("..." if len(text) > n else ""))
+
+
+# ---- pickles ------------------------------------------------------------------------------------
+
+# Lightning pickles its callbacks into the checkpoints it writes (SD 1.x's original releases and many
+# fine-tunes: `callbacks` holds a ModelCheckpoint class as a dict key, or its state). minti needs none
+# of it; A1111, ComfyUI and Forge map these names to empty classes, and so do we.
+LIGHTNING_MODULES = ("pytorch_lightning.", "lightning.pytorch.", "lightning_fabric.", "lightning.fabric.")
+
+
+class LightningPlaceholder:
+    """Stands in for a pytorch_lightning class or object named in a checkpoint's pickle. Inert: the
+    named code is never imported nor called; whatever the pickle hands an instance is dropped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _lightning_placeholders(path: Path) -> list[tuple[type, str]]:
+    """(placeholder class, pickled name) for each Lightning name the pickle refers to, found by
+    reading its opcodes without running any; one class per name, so dict keys stay distinct."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # the legacy (non-zip) format or a damaged zip: torch.load will say what is wrong
+        return []
+    return [(type(name.rsplit(".", 1)[-1], (LightningPlaceholder,), {"__module__": __name__}), name)
+            for name in sorted(names) if name.startswith(LIGHTNING_MODULES)]
+
+
+def torch_load(path: Path) -> dict:
+    """torch.load that can never run code: weights_only, memory-mapped, on the CPU. Lightning's
+    objects load as inert placeholders; any other name a pickle would import is refused."""
+    if (instead := what_it_is_instead(path)) is not None:
+        raise CheckpointError(path, instead)
+    try:
+        with torch.serialization.safe_globals(_lightning_placeholders(path)):
+            if path.suffix.lower() == ".safetensors":  # torch.load would go by the name, not the bytes
+                with open(path, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    # the pre-1.6 (non-zip) torch format cannot be memory-mapped; still weights_only
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        found = re.search(r"(?:GLOBAL|global|class|function) ([\w.]+)", str(e))
         what = f" (it references {found.group(1)})" if found else ""
         raise CheckpointError(path, f"refusing to load: this pickle would run code when unpickled{what}; "
                               "minti only loads plain tensors. Convert it to .safetensors with a trusted "
                               "tool, or download the .safetensors release") from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as e:
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
         raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({_short(e)}): the file is "
                               "truncated or corrupt; download it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning-style wrapper (global_step etc. beside it)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
+    if "string_to_param" in obj:  # A1111's embedding .pt: its tensors sit one dict deeper
+        raise CheckpointError(path, EMBEDDING_NOT_MODEL)
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -266,10 +389,15 @@ class _PickleReader:
 # ---- single files ------------------------------------------------------------------------------
 
 def _open_single(path: Path, ema: bool) -> Checkpoint:
-    if path.suffix.lower() == ".safetensors":
-        reader, fmt = _SafetensorsReader(path), "safetensors"
+    # the bytes decide, not the name: a .safetensors file saved as .ckpt (or the reverse) still loads
+    with open(path, "rb") as f:
+        fmt = file_format(f.read(16), path.stat().st_size)
+    if fmt is None:
+        raise CheckpointError(path, what_it_is_instead(path))
+    if fmt == "safetensors":
+        reader = _SafetensorsReader(path)
     else:
-        reader, fmt = _PickleReader(path), "pickle"
+        reader = _PickleReader(path)
     return assign_parts(Checkpoint(path, fmt, reader.shapes, reader.dtypes, _reader=reader), ema)
 
 
@@ -323,8 +451,11 @@ def _weight_files(folder: Path, component: str, prefer_half: bool) -> list[Path]
                     return [single]
                 index = folder / f"{stem}.{variant}{ext}.index.json"
                 if index.is_file():  # sharded: {"weight_map": {key: shard file}}
-                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                    return [folder / s for s in shards]
+                    weight_map = read_json(index, "the shard index").get("weight_map")
+                    if not isinstance(weight_map, dict):
+                        raise CheckpointError(index, "has no \"weight_map\" of shard files: the diffusers folder "
+                                              "is damaged; download it again")
+                    return [folder / s for s in sorted(set(map(str, weight_map.values())))]
     raise CheckpointError(folder, f"has no weights (looked for {stems[0]}[.fp16].safetensors/.bin); "
                           "the diffusers folder is incomplete")
 
@@ -380,8 +511,23 @@ class _DiffusersReader:
         self.sources = {}
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a diffusers folder's file, or CheckpointError saying how it is damaged."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        instead = what_it_is_instead(path, noun="JSON file")
+        problem = instead if instead and "git-LFS" in instead else f"is not valid JSON ({_short(e)})"
+        raise CheckpointError(path, f"{problem}: {what} of the diffusers folder is damaged; download it "
+                              "again") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, f"holds a JSON {type(value).__name__}, not an object: {what} of the "
+                              "diffusers folder is damaged; download it again")
+    return value
+
+
 def _open_diffusers(root: Path, prefer_half: bool) -> Checkpoint:
-    index = json.loads((root / "model_index.json").read_text())
+    index = read_json(root / "model_index.json", "the pipeline index")
     cls = str(index.get("_class_name", ""))
     if "transformer" in index and "unet" not in index:
         raise CheckpointError(root, f"is a {cls or 'transformer-based'} diffusers pipeline (SD3/Flux-style "
@@ -418,7 +564,8 @@ def _open_diffusers(root: Path, prefer_half: bool) -> Checkpoint:
     ckpt.parts = {p: {k[len(pre):]: k for k in shapes if k.startswith(pre)} for p, pre in parts_of.items()}
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        ckpt.prediction = {"epsilon": "eps", "v_prediction": "v"}.get(json.loads(sched.read_text()).get("prediction_type"))
+        prediction_type = read_json(sched, "the scheduler config").get("prediction_type")
+        ckpt.prediction = {"epsilon": "eps", "v_prediction": "v"}.get(str(prediction_type))
     return ckpt
 
 
@@ -426,7 +573,16 @@ def open_checkpoint(path: str | Path, ema: bool = False, prefer_half: bool = Fal
     """Open a single file or diffusers folder: headers only, no weights read."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(path, "no such file or directory")
+        reason = missing_path(path)
+        raise CheckpointError(path, "no such file or directory" if reason == "does not exist" else reason)
+    try:
+        return _open(path, ema, prefer_half)
+    except OSError as e:  # unreadable (permissions), or a disk or network mount failing under it
+        raise CheckpointError(path, f"cannot be read ({e.strerror or _short(e)}): check the file's "
+                              "permissions and the disk") from None
+
+
+def _open(path: Path, ema: bool, prefer_half: bool) -> Checkpoint:
     if path.is_dir():
         if (path / "model_index.json").is_file():
             if ema:

@@ -61,6 +61,7 @@ from minti.loading.checkpoint import UNUSED_SUFFIXES, Checkpoint, CheckpointErro
 from minti.loading.families import FAMILIES, Config
 
 PARTS = ("unet", "vae", "text")
+SDXL_SIZE_EMBEDDINGS = 6 * 256  # original size, crop and target size, 2 numbers each, 256 features per number
 _PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
 
 
@@ -277,7 +278,11 @@ def _tokenizers(ckpt: Checkpoint, configs: list) -> list:
     for folder, cfg in zip(("tokenizer", "tokenizer_2"), configs):
         path = ckpt.path / folder
         if ckpt.format == "diffusers" and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            out.append(Tokenizer.from_folder(path, cfg.pad_token_id))
+            try:
+                out.append(Tokenizer.from_folder(path, cfg.pad_token_id))
+            except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
+                raise CheckpointError(path, f"cannot be read as a CLIP tokenizer ({type(e).__name__}: {e}): "
+                                      "vocab.json or merges.txt is damaged; download the folder again") from None
         else:  # single files carry no vocabulary; every SD text encoder uses CLIP's 49408-token BPE
             out.append(Tokenizer.from_openclip_vocab(cfg.pad_token_id))
     return out
@@ -326,16 +331,17 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
     family = FAMILIES[ckpt.family]
     try:
         dtype = dtype if dtype is not None else ckpt.dtype
-        modules, configs = {}, {}
-        for part in [p for p in family.parts if ("text" if p.startswith("text") else p) in components]:
-            if part not in ckpt.parts:
-                what = {"vae": "VAE (first_stage_model.*)", "unet": "UNet"}.get(part, "text encoder")
-                raise CheckpointError(ckpt.path, f"has no {what} weights; load it with components= without "
-                                      f"{'text' if part.startswith('text') else part!r}, or use a full checkpoint")
+        wanted = [p for p in family.parts if ("text" if p.startswith("text") else p) in components]
+        # every config first: the parts are checked against each other before any weight is read
+        configs = {part: _config(ckpt, part) for part in wanted}
+        text_parts = [p for p in family.text_parts if p in configs]
+        tokenizers = _tokenizers(ckpt, [configs[p] for p in text_parts])
+        check_parts_fit(ckpt, configs, dict(zip(text_parts, tokenizers)))
+        modules = {}
+        for part in wanted:
             try:
-                configs[part] = cfg = family.config(part, ckpt.part_shapes(part), ckpt.format)
                 with torch.device("meta"):
-                    module = _build(part, cfg)
+                    module = _build(part, configs[part])
             except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
                 message = f"{part} shapes do not form a valid {family.name} model ({e})"
                 raise CheckpointError(ckpt.path, message) from None
@@ -360,10 +366,68 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
         pred, guessed = ckpt.prediction, False
     else:  # only a family with both kinds of release has to guess, and only from the name
         pred, guessed = guess_prediction(family.name, ckpt.shapes, ckpt.path.name), family.v_size is not None
-    text_parts = [p for p in family.text_parts if p in modules]
     return StableDiffusion(
         ckpt, family.name, pred, guessed, dtype, device, modules.get("unet"), modules.get("vae"),
-        [modules[p] for p in text_parts], _tokenizers(ckpt, [configs[p] for p in text_parts]), weights)
+        [modules[p] for p in text_parts], tokenizers, weights)
+
+
+def _config(ckpt: Checkpoint, part: str) -> Config:
+    """The config of one part from its shapes, or CheckpointError naming what is missing."""
+    family = FAMILIES[ckpt.family]
+    if part not in ckpt.parts:
+        what = {"vae": "VAE (first_stage_model.*)", "unet": "UNet"}.get(part, "text encoder")
+        raise CheckpointError(ckpt.path, f"has no {what} weights; load it with components= without "
+                              f"{'text' if part.startswith('text') else part!r}, or use a full checkpoint")
+    try:
+        return family.config(part, ckpt.part_shapes(part), ckpt.format)
+    except KeyError as e:  # a tensor the config is read from
+        raise CheckpointError(ckpt.path, f"has no {family.parts[part].prefix}{e.args[0]} tensor, which the "
+                              f"{family.name} {part} is built from: the file is incomplete or not a standard "
+                              "checkpoint") from None
+    except (ValueError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(ckpt.path, f"{part} shapes do not form a valid {family.name} model ({e})") from None
+
+
+def check_parts_fit(ckpt: Checkpoint, configs: dict, tokenizers: dict) -> None:
+    """What training and sampling index, checked when loading (also by inspect, on the meta device):
+    each part can be built from its own shapes, yet together they may not fit (a text encoder cut
+    to another vocabulary, a UNet merged with another model's text encoder). CheckpointError names
+    the key and what was expected."""
+    family = FAMILIES[ckpt.family]
+
+    def key(part: str, suffix: str) -> str:
+        return next((src for name, src in ckpt.parts[part].items() if name.endswith(suffix)),
+                    family.parts[part].prefix + suffix)
+
+    for part, tok in tokenizers.items():
+        cfg = configs[part]
+        if cfg.vocab_size < tok.vocab_size:  # more rows (tokens a tool added) go unused; fewer cannot be indexed
+            raise CheckpointError(ckpt.path, f"{key(part, 'token_embedding.weight')} has {cfg.vocab_size} rows, but "
+                                  f"the CLIP tokenizer of every SD text encoder has {tok.vocab_size} tokens: the text "
+                                  "encoder is cut or from another model; use a complete checkpoint")
+        if cfg.max_length < tok.context_length:
+            suffix = "position_embedding.weight" if cfg.layout == "hf" else "positional_embedding"
+            raise CheckpointError(ckpt.path, f"{key(part, suffix)} has {cfg.max_length} positions; SD prompts are "
+                                  f"{tok.context_length} tokens: the text encoder is cut; use a complete checkpoint")
+    if "unet" not in configs or len(tokenizers) != len(family.text_parts):
+        return
+    unet = configs["unet"]
+    text_width = sum(configs[p].width for p in family.text_parts)
+    if unet.context_dim != text_width:
+        raise CheckpointError(ckpt.path, f"the UNet's cross-attention takes {unet.context_dim}-wide text "
+                              f"({key('unet', 'attn2.to_k.weight')}) but the text encoder gives {text_width}: the "
+                              "UNet and the text encoder come from different models")
+    if unet.adm_in_channels is not None:  # SDXL: y = bigG's pooled projection + 6 size/crop embeddings
+        pooled_part = family.text_parts[-1]
+        projection = configs[pooled_part].projection_dim
+        if projection is None:
+            raise CheckpointError(ckpt.path, f"has no {key(pooled_part, 'text_projection')}: SDXL's UNet is "
+                                  "conditioned on the text encoder's pooled projection; use a complete checkpoint")
+        if unet.adm_in_channels != projection + SDXL_SIZE_EMBEDDINGS:
+            raise CheckpointError(ckpt.path, f"{key('unet', 'label_emb.0.0.weight')} takes {unet.adm_in_channels} "
+                                  f"inputs, but the pooled text ({projection}) and the size/crop embeddings "
+                                  f"({SDXL_SIZE_EMBEDDINGS}) make {projection + SDXL_SIZE_EMBEDDINGS}: the UNet and "
+                                  "the text encoder come from different models")
 
 
 # ---- real-size models without a checkpoint (benchmarks) ----------------------------------------

@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-from minti.errors import UserError
+from minti.errors import RunError, UserError
 
 TIMEOUT_ENV = "MINTI_DIST_TIMEOUT"
 # Long enough for rank 0's previews and saves, which the other ranks wait for at the next
@@ -147,8 +147,8 @@ class RankLost(Exception):
         self.world = world
         self.detail = _first_line(error)
 
-    def user_error(self, step: int, saved: str) -> UserError:
-        return UserError(f"rank {self.world.rank} of {self.world.size} lost the other ranks during step {step + 1}: "
+    def user_error(self, step: int, saved: str) -> RunError:
+        return RunError(f"rank {self.world.rank} of {self.world.size} lost the other ranks during step {step + 1}: "
                          f"one died or did not answer within {self.world.timeout_s:g} s ({TIMEOUT_ENV}; "
                          f"{self.detail}); {saved}")
 

@@ -24,6 +24,9 @@ from minti import atomic
 STAR_TOKEN_ID = 265  # CLIP's id for "*": A1111 stores it in every .pt, nothing reads it back
 SDXL_KEYS = ("clip_l", "clip_g")  # order = sd.text_encoders order (CLIP-L, then bigG)
 FORMATS = ("safetensors", "pt", "diffusers")
+# Token vectors are of order 1 (trained ones rarely pass 10); a value past this cannot have come from
+# training that went well, and in float16 the text encoder would overflow on it.
+MAX_ABS_VALUE = 1e4
 
 
 def file_stem(token: str) -> str:
@@ -179,34 +182,60 @@ def _bad(path: Path, what: str) -> ValueError:
 
 
 def _read(path: Path) -> dict:
+    from minti.errors import missing_path
+    from minti.loading.checkpoint import file_format, what_it_is_instead
+
     if not path.exists():
-        raise ValueError(f"embedding file {path} does not exist: check the path")
+        reason = missing_path(path)
+        raise ValueError(f"embedding file {path} {reason}" + (": check the path" if reason == "does not exist" else ""))
     if path.is_dir():
         for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
             if (path / name).is_file():
                 return _read(path / name)
         raise ValueError(f"{path} is a folder without learned_embeds.safetensors: pass the embedding file itself")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix not in (".safetensors", ".pt", ".bin", ".ckpt", ".pth"):
+        raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt or .bin")
+    try:
+        # before any parser: torch would answer text or HTML with an essay about weights_only
+        instead = what_it_is_instead(path, noun="embedding")
+        with open(path, "rb") as f:
+            fmt = file_format(f.read(16), path.stat().st_size)  # the bytes decide, not the suffix
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror or e}): check the file's permissions") from None
+    if instead is not None:
+        raise ValueError(f"{path} {instead}")
+    if fmt == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path}: {e}; the file is damaged or not a safetensors file") from None
-    if suffix in (".pt", ".bin", ".ckpt", ".pth"):
-        import pickle
+            raise ValueError(f"cannot read {path}: {_first_line(e)}; the file is damaged or not a safetensors "
+                             "file") from None
+    import pickle
+    import re
 
-        try:
-            # weights_only: an embedding from the internet must never run code on load.
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"refusing to load {path}: its pickle needs more than plain tensors ({e}). "
-                             "Convert it to .safetensors with a trusted tool first") from None
-        except Exception as e:  # torch raises many kinds (struct.error, RuntimeError, EOFError, ...) for junk
-            raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}; the file is damaged or not a torch file") from None
-    raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt or .bin")
+    try:
+        # weights_only: an embedding from the internet must never run code on load. A file object:
+        # torch.load would take a .safetensors name for safetensors bytes.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global|class|function) ([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise ValueError(f"refusing to load {path}: its pickle would run code when unpickled{what}, and "
+                         "minti only loads plain tensors. Convert it to .safetensors with a trusted tool "
+                         "first") from None
+    except Exception as e:  # torch raises many kinds (struct.error, RuntimeError, EOFError, ...) for junk
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {_first_line(e)}; the file is damaged or not "
+                         "a torch file") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _as_tensor(x, path: Path, where: str) -> torch.Tensor:
@@ -254,5 +283,9 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
         raise _bad(path, str(e)) from None
     if not all(torch.isfinite(v).all() for v in emb.vectors):
         raise ValueError(f"{path} holds NaN or infinite values: the embedding is broken; use an earlier save")
+    largest = max(float(v.abs().max()) for v in emb.vectors)
+    if largest > MAX_ABS_VALUE:
+        raise ValueError(f"{path} holds values up to {largest:.3g}, far beyond any trained embedding's: it would "
+                         "turn the text encoder's output into NaN (a diverged training run?); use an earlier save")
     emb.source = path
     return emb

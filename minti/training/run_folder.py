@@ -10,26 +10,49 @@
 
 Every write is atomic (minti.atomic), so an interrupted run leaves the last save intact. The
 state is written after the embedding, so a state file never points at vectors newer than the
-embedding files.
+embedding files. A full disk while saving is one line that says which save is intact, and
+non-finite vectors are never written.
+
+A run never replaces a file it did not write unless told to (--overwrite): before anything is
+loaded, check_start() looks for files named like this run's outputs. Those an earlier minti run
+wrote here (what the token in its config.json names, by run_files' patterns) are the run's own;
+any other is refused by name. --overwrite, or a fresh start after a run that never saved, first
+clears what the earlier run wrote, so no stale intermediate save or preview stays beside the new ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
+import math
+import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from minti import atomic
-from minti.errors import UserError
+from minti.errors import RunError, UserError, missing_path
 from minti.training.config import TrainConfig, known_fields
-from minti.training.embedding import Embedding
+from minti.training.embedding import Embedding, file_stem
+
+log = logging.getLogger("minti")
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
 STATE_FORMAT = "minti-train-state-1"
 LOSS_LOG = "loss.jsonl"
+PREVIEWS = "previews"
+
+
+def run_files(name: str) -> list[str]:
+    """Patterns (regular expressions on the path relative to the run folder) of every file a run
+    of the token whose file name is `name` writes."""
+    n = re.escape(name)
+    return [re.escape(CONFIG_FILE), re.escape(STATE_FILE), re.escape(LOSS_LOG), rf"{n}\.safetensors", rf"{n}\.pt",
+            r"learned_embeds\.safetensors", rf"{n}-\d+\.safetensors", rf"{PREVIEWS}/{n}-\d+\.png"]
 
 
 def checkpoint_short_hash(path: str | Path) -> str | None:
@@ -70,17 +93,72 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.saved_step: int | None = None  # the step of this session's last complete save
+        self._log_failed = False
 
     # -- starting a run -----------------------------------------------------------------------
-    def refuse_if_taken(self, overwrite: bool) -> None:
-        """A fresh run must not replace the run already here unless asked to."""
-        if (self.path / STATE_FILE).exists() and not overwrite:
+    def check_start(self, config: TrainConfig) -> None:
+        """Before anything is loaded: the folder can be written, a fresh run does not replace the run
+        already here, and no file this run would replace was written by anything but a minti run
+        here, unless config.overwrite. UserError naming the folder or the files otherwise."""
+        self._check_writable()
+        if config.overwrite:
+            return
+        resumes_here = self._resumes_here(config)
+        if (self.path / STATE_FILE).exists() and not resumes_here:
             raise UserError(f"{self.path} already holds a training run: continue it with --resume {self.path}, "
                             "or pick another --output (or pass --overwrite to start over there)")
+        ours = self._earlier_run_files()
+        foreign = [p for p in self._existing(file_stem(config.token)) if p not in ours]
+        if foreign:
+            shown = ", ".join(str(p.relative_to(self.path)) for p in foreign[:6]) + (", ..." if len(foreign) > 6 else "")
+            raise UserError(f"--output {self.path} holds files this run would replace that no minti run there "
+                            f"wrote: {shown}; pick another --output, or pass --overwrite to replace them")
+
+    def _check_writable(self) -> None:
+        if (problem := atomic.folder_problem(self.path)) is not None:
+            raise UserError(f"--output {self.path} {problem}" + (" (the run writes several files into it)"
+                                                                 if problem.startswith("is a file") else ""))
+
+    def _resumes_here(self, config: TrainConfig) -> bool:
+        if config.resume is None:
+            return False
+        resume = Path(config.resume)
+        resume = resume.parent if resume.name == STATE_FILE else resume
+        return resume.resolve() == self.path.resolve()
+
+    def _existing(self, name: str) -> list[Path]:
+        """The files here named like the outputs of a run of `name`."""
+        patterns = [re.compile(p) for p in run_files(name)]
+        candidates = [*self.path.glob("*"), *self.path.glob(f"{PREVIEWS}/*")] if self.path.is_dir() else []
+        return sorted(p for p in candidates if p.is_file() and
+                      any(pattern.fullmatch(p.relative_to(self.path).as_posix()) for pattern in patterns))
+
+    def _earlier_run_files(self) -> list[Path]:
+        """The files here that an earlier minti run wrote: what its config.json's token names."""
+        try:
+            record = json.loads((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+            token = record["config"]["token"] if "minti" in record else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        return self._existing(file_stem(token)) if isinstance(token, str) else []
+
+    def clear_earlier_run(self) -> list[Path]:
+        """Remove what an earlier minti run wrote here (only its files; check_start has let it
+        through, so it never saved, or --overwrite was given); -> the files removed."""
+        removed = self._earlier_run_files()
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            log.info("removed %d files of the earlier run in %s", len(removed), self.path)
+        return removed
 
     def write_config(self, config: TrainConfig, sd, n_vectors: int, resolution: int, identity: dict) -> None:
         """config.json: the run as it was resolved, with absolute paths so that `--resume DIR`
-        works from any working directory."""
+        works from any working directory. A run that does not resume this folder's first clears
+        what an earlier run wrote here (see clear_earlier_run)."""
+        if not self._resumes_here(config):
+            self.clear_earlier_run()
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
         values.update(vectors=n_vectors, resolution=resolution, images=str(Path(config.images).resolve()))
         if Path(values["template"]).is_file():
@@ -89,38 +167,90 @@ class RunFolder:
                   "dtype": str(sd.dtype).removeprefix("torch."), "weights": getattr(sd, "weights", None),
                   "device": str(sd.device), "identity": identity,
                   "minti": _version()}
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+        with self._writing(CONFIG_FILE):
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """A file written before the first step: a full disk there is one line, nothing lost yet."""
+        try:
+            yield
+        except OSError as e:
+            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
+            raise RunError(f"cannot write {self.path / name} ({reason}) before the first step; free space (or pick "
+                           "another --output) and run again") from None
 
     def read_config(self) -> dict:
         """config.json as written by write_config, its "config" holding TrainConfig fields under
         today's names (an older run's preview_cfg is read as preview_guidance)."""
         path = self.path / CONFIG_FILE
+        if not self.path.exists():
+            raise UserError(f"--resume {self.path} {missing_path(self.path)}: pass the output folder of an earlier "
+                            "minti train run")
         if not path.is_file():
             raise UserError(f"--resume {self.path}: no {CONFIG_FILE} there; pass the output folder of an earlier "
                             "minti train run")
+        fix = ("fix it by hand (it holds the run's settings: model, images, token, ...) or start a new run "
+               "with another --output")
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-            record["config"] = known_fields(dict(record["config"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is damaged ({e}): pass --model, --images and --token again") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}): {fix}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise UserError(f"{path} has no \"config\" object: it is not a minti run's config.json; {fix}")
+        record["config"] = known_fields(dict(record["config"]))
+        problem = _wrong_type(record["config"]) or _wrong_type(record, RECORD_TYPES)
+        if problem:
+            raise UserError(f"{path}: {problem}; {fix}")
         return record
 
     # -- saving -------------------------------------------------------------------------------
+    def embedding_files(self, embedding: Embedding) -> dict[Path, tuple[str, ...]]:
+        """file -> the format written there. Named by the token, each as a file path, so that the
+        folder's own name never matters (a folder may well be called my-cat.pt)."""
+        if embedding.is_sdxl:
+            return {self.path / f"{embedding.name}.safetensors": ("safetensors",)}
+        return {self.path / f"{embedding.name}.safetensors": ("safetensors",),
+                self.path / f"{embedding.name}.pt": ("pt",),
+                self.path / "learned_embeds.safetensors": ("diffusers",)}
+
     def save(self, embedding: Embedding, identity: dict, optimizer: torch.optim.Optimizer, scaler,
-             intermediate: bool = False) -> list[Path]:
+             intermediate: bool = False, optimizer_state: dict | None = None) -> list[Path]:
         """The embedding in every format (plus <name>-<step>.safetensors if intermediate), then
-        state.pt; returns the embedding files."""
-        files = embedding.save(self.path)
+        state.pt; returns the embedding files. optimizer_state: a state_dict to record instead of
+        the optimizer's own (a diverged run keeps the one of its last good step). Refuses non-finite
+        vectors; a full disk is a RunError that names the save still intact."""
+        if not all(bool(torch.isfinite(v).all()) for v in embedding.vectors):
+            raise RunError(f"refusing to save the step-{embedding.step} embedding of {embedding.token}: its vectors "
+                           f"are not finite; the last save in {self.path} is kept")
+        files = self.embedding_files(embedding)
         if intermediate:
-            files += embedding.save(self.path / f"{embedding.name}-{embedding.step}.safetensors")
+            files[self.path / f"{embedding.name}-{embedding.step}.safetensors"] = ("safetensors",)
         state = {"format": STATE_FORMAT, "token": embedding.token, "n_vectors": embedding.n_vectors,
                  "model": identity, "step": embedding.step, "vectors": list(embedding.vectors),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                 "scaler": scaler.state_dict(),
                  "rng": {"torch": torch.get_rng_state(),
                          **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}}
-        atomic.torch_save(state, self.path / STATE_FILE)
-        return files
+        written: list[Path] = []
+        try:
+            for path, formats in files.items():
+                embedding.save(path, formats=formats)
+                written.append(path)
+            atomic.torch_save(state, self.path / STATE_FILE)
+        except OSError as e:
+            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
+            done = f"{', '.join(p.name for p in written)} of step {embedding.step} written, " if written else ""
+            earlier = (self.path / STATE_FILE).exists()
+            kept = (f"the state of step {self.saved_step} is intact" if self.saved_step is not None
+                    else f"the {STATE_FILE} from before this session is intact" if earlier
+                    else f"no {STATE_FILE} was written")
+            then = f"continue with --resume {self.path}" if earlier else "run again"
+            raise RunError(f"could not save step {embedding.step} in {self.path} ({reason}): {done}{kept}. Free "
+                           f"space, then {then}") from None
+        self.saved_step = embedding.step
+        return list(files)
 
     def start_loss_log(self, step: int) -> None:
         """loss.jsonl from `step` on: a run resumed at step N keeps the lines up to N and drops
@@ -134,14 +264,23 @@ class RunFolder:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue
-        atomic.write_text(path, "".join(line + "\n" for line in kept))
+        with self._writing(LOSS_LOG):
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
 
     def log_loss(self, record: dict) -> None:
-        with open(self.path / LOSS_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        """One line of loss.jsonl. The log is for reading, not resuming: a failed write (a full disk)
+        is a warning, once, and training goes on to its next save, which says what it could keep."""
+        try:
+            with open(self.path / LOSS_LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if not self._log_failed:
+                log.warning("cannot append to %s (%s): the loss log misses steps from %s on",
+                            self.path / LOSS_LOG, e.strerror or e, record.get("step"))
+            self._log_failed = True
 
     def preview_path(self, name: str, step: int) -> Path:
-        return self.path / "previews" / f"{name}-{step:05d}.png"
+        return self.path / PREVIEWS / f"{name}-{step:05d}.png"
 
     # -- resuming -----------------------------------------------------------------------------
     def read_state(self, token: str, identity: dict, n_vectors: int | None) -> dict:
@@ -168,3 +307,36 @@ class RunFolder:
         if n_vectors is not None and n_vectors != state["n_vectors"]:
             raise UserError(f"{where} has {state['n_vectors']} vectors, not --vectors {n_vectors}")
         return state
+
+
+# config.json's top-level entries besides "config" that resume reads, and their types
+RECORD_TYPES = {"model": (str,), "dtype": (str, type(None)), "weights": (str, type(None)), "identity": (dict,)}
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """The JSON types each TrainConfig field may hold, read from its annotation ("int | None", ...)."""
+    json_types = {"int": (int,), "float": (int, float), "str": (str,), "Path": (str,), "bool": (bool,),
+                  "None": (type(None),), "tuple": (list, tuple)}
+    out = {}
+    for field in dataclasses.fields(TrainConfig):
+        names = [part.strip().split("[")[0] for part in str(field.type).split("|")]
+        out[field.name] = tuple(t for name in names for t in json_types.get(name, (object,)))
+    return out
+
+
+def _wrong_type(values: dict, types: dict[str, tuple[type, ...]] | None = None) -> str | None:
+    """"KEY is VALUE, not a TYPE" for the first entry of the wrong JSON type, else None."""
+    types = types if types is not None else _field_types()
+    names = {int: "a whole number", float: "a number", str: "text", bool: "true or false", dict: "an object",
+             list: "a list", tuple: "a list"}
+    for key, allowed in types.items():
+        if key not in values:
+            continue
+        value = values[key]
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            want = " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in allowed if t is not type(None)))
+            return f"\"{key}\" is {json.dumps(value)}, not {want}"
+    return None

@@ -17,20 +17,22 @@ processes under torchrun are minti.training.distributed's.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import re
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from minti import atomic, diffusion, sampling
-from minti.errors import UserError
+from minti.errors import RunError, UserError, missing_path
 from minti.training import distributed, lr_schedules, memory
 from minti.training import templates as tpl
 from minti.training.config import TrainConfig
@@ -41,6 +43,14 @@ from minti.training.run_folder import RunFolder, checkpoint_short_hash, model_id
 log = logging.getLogger("minti")
 
 MAX_VECTORS = 75  # a prompt holds 75 content tokens; more vectors than that can never be used
+# The largest training size accepted: four times SDXL's, past any published fine-tune; larger is a typo
+# that would otherwise end in an out-of-memory crash while resizing the images.
+MAX_RESOLUTION = 4096
+# What --init treats as a file rather than words: the embedding, model and image suffixes (and the
+# usual typo of .safetensors), besides anything with a path separator.
+PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".safetensor", ".sft", ".png", ".jpg", ".jpeg",
+                 ".webp")
+EMBEDDING_MAX_BYTES = 64 * 2**20  # far above any embedding (kilobytes), far below any model (gigabytes)
 
 
 @dataclass
@@ -78,6 +88,10 @@ class _Stop:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT and self.second_interrupt_raises:
             raise KeyboardInterrupt
+        if not self.requested:
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.warning("%s received: stopping after this step and saving (press Ctrl-C again to quit at once, "
+                        "keeping the last save)", what)
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -133,16 +147,41 @@ def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([rows[i * rows.shape[0] // n] for i in range(n)])
 
 
+def looks_like_a_path(init: str) -> bool:
+    """Whether --init names a file rather than words: a path separator or a file suffix. A bare word
+    is words even when a folder of that name happens to exist here."""
+    return "/" in init or "\\" in init or Path(init.strip()).suffix.lower() in PATH_SUFFIXES
+
+
+def init_embedding(init: str) -> Embedding | None:
+    """The embedding --init names, None for words. Anything that looks like a path and is not a
+    readable embedding is an error, never quietly prompt words."""
+    if not looks_like_a_path(init):
+        return None
+    path = Path(init.strip()).expanduser()
+    if not path.exists():
+        reason = missing_path(path)
+        raise UserError(f"--init {init} {reason}" + (": pass an embedding file (.pt/.safetensors) or words, "
+                                                     "e.g. --init cat" if reason == "does not exist" else ""))
+    if path.is_file() and path.stat().st_size > EMBEDDING_MAX_BYTES:
+        raise UserError(f"--init {init} is {path.stat().st_size / 2**30:.1f} GiB: a model checkpoint, not an "
+                        "embedding; pass an embedding file (.pt/.safetensors) or words, e.g. --init cat")
+    try:
+        return load_embedding(path)
+    except ValueError as e:
+        raise UserError(f"--init {init}: {e}") from None
+
+
 def initial_vectors(sd, init: str, n: int | None) -> list[torch.Tensor]:
-    """fp32 CPU [n, dim] per encoder, from init words or an embedding file."""
-    if Path(init).suffix.lower() in (".pt", ".bin", ".safetensors"):
-        try:
-            emb = load_embedding(init)
-        except ValueError as e:
-            raise UserError(f"--init {init}: {e}") from None
+    """fp32 CPU [n, dim] per encoder, from init words or an embedding file (init_embedding)."""
+    emb = init_embedding(init)
+    if emb is not None:
         if emb.dims != list(sd.embedding_dims):
             raise UserError(f"--init {mismatch(init, emb, sd)}, or init from words")
         n = n or emb.n_vectors
+        if n < emb.n_vectors:
+            log.warning("--init %s holds %d vectors but --vectors is %d: only %d of them start the embedding "
+                        "(evenly picked, as A1111 does)", init, emb.n_vectors, n, n)
         return [spread(v, n) for v in emb.vectors]
     n = n or 1
     out = []
@@ -151,6 +190,10 @@ def initial_vectors(sd, init: str, n: int | None) -> list[torch.Tensor]:
         if not ids:
             raise UserError(f"--init {init!r} tokenizes to nothing: give one or more words that describe the "
                             "concept's kind, e.g. --init cat")
+        if len(ids) > n and not out:  # once, for the first text encoder
+            log.warning("--init %r is %d tokens but the embedding has %d vector%s: only %d of them start it "
+                        "(evenly picked, as A1111 does); pass --vectors %d to start from every one", init, len(ids),
+                        n, "s" if n > 1 else "", n, len(ids))
         rows = token_table(encoder)[torch.tensor(ids, device=token_table(encoder).device)]
         out.append(spread(rows.detach().float().cpu().clone(), n))
     return out
@@ -175,7 +218,7 @@ def register_token(sd, token: str, n: int) -> int:
 
 def training_resolution(sd, config: TrainConfig) -> int:
     """config.resolution, or the model family's native size; checked against the UNet's depth."""
-    res = config.resolution or sd.default_size
+    res = config.resolution if config.resolution is not None else sd.default_size
     factor = sampling.latent_factor(sd)
     # The UNet halves the latent once per level below the first; the latent must survive that.
     levels = len(sd.unet.cfg.channel_mult) - 1 if hasattr(sd.unet, "cfg") else 3
@@ -189,18 +232,31 @@ def _validate(config: TrainConfig) -> None:
     if config.vectors is not None and not 1 <= config.vectors <= MAX_VECTORS:
         raise UserError(f"--vectors {config.vectors} is outside 1-{MAX_VECTORS}: a prompt holds at most "
                         f"{MAX_VECTORS} tokens (A1111 uses 1-8 in practice)")
-    for name in ("steps", "save_every", "preview_every", "warmup_steps"):
+    for name in ("steps", "save_every", "preview_every", "warmup_steps"):  # steps=0: the init embedding (API)
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     for name in ("batch_size", "grad_accum", "repeats", "preview_steps"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.preview_steps > sampling.MAX_STEPS:
+        raise UserError(f"--preview-steps {config.preview_steps} is more than the {sampling.MAX_STEPS} a sampler "
+                        "can take (20-50 are usual)")
+    if config.resolution is not None and not 1 <= config.resolution <= MAX_RESOLUTION:
+        raise UserError(f"--resolution {config.resolution} is outside 1-{MAX_RESOLUTION}: pass the training size in "
+                        "pixels (512 for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL), or leave it out")
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise UserError(f"--max-grad-norm must be > 0, got {config.max_grad_norm}")
+    if config.vram is not None and not (config.vram > 0 and math.isfinite(config.vram)):
+        raise UserError(f"--vram must be a positive number of GiB, got {config.vram}")
     if config.images is None:
         raise UserError("no training images: pass --images with a folder of 3-20 pictures of the concept")
+    _check_images_folder(Path(config.images))
+    init_embedding(config.init)  # a file --init names is read before the model loads, so it fails fast
     if not config.token or any(c.isspace() for c in config.token):
         raise UserError(f"--token {config.token!r} must be one word without spaces, e.g. <my-cat>")
+    if not re.search(r"\w", config.token):  # the files are named after it: '<>' would make "embedding.pt"
+        raise UserError(f"--token {config.token!r} has no letters or digits to name its files by: use a word "
+                        "such as <my-cat>")
     if config.preview_sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown preview sampler {config.preview_sampler!r}: use {' or '.join(sampling.SAMPLERS)}")
 
@@ -219,6 +275,32 @@ def _validate_together(configs: list[TrainConfig]) -> None:
         if len(set(values)) > 1:
             raise UserError(f"the concepts ask for different --{name} ({', '.join(map(str, values))}): they share "
                             "one model and one memory plan; give them the same value")
+
+
+def _warn_about(config: TrainConfig) -> None:
+    """Settings that are valid but almost certainly not meant (once per run; _validate may run twice)."""
+    if isinstance(config.lr, (int, float)) and config.lr == 0:
+        log.warning("--lr 0: the vectors will not change; pass a learning rate such as --lr 5e-3")
+
+
+def _check_images_folder(folder: Path) -> None:
+    """What the image reader (minti.training.data) cannot tell apart: a link that loops or points
+    nowhere is not a missing folder, and a folder whose images all sit in subfolders is not empty."""
+    from minti.training.data import IMAGE_EXTENSIONS
+
+    if not folder.exists():
+        reason = missing_path(folder)
+        if reason != "does not exist":
+            raise UserError(f"--images {folder} {reason}")
+        return  # the reader says it, with the formats it takes
+    if not folder.is_dir() or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir() if p.is_file()):
+        return
+    nested = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if nested:
+        subfolders = sorted({p.parent.name + "/" for p in nested})
+        which = f"subfolders {', '.join(subfolders[:4])} hold" if len(subfolders) > 1 else f"subfolder {subfolders[0]} holds"
+        raise UserError(f"--images {folder} has no images of its own, but its {which} {len(nested)}: pass one as "
+                        "--images (minti reads only the images directly inside the folder)")
 
 
 def kernels_in_use(sd) -> str:
@@ -339,8 +421,11 @@ class _Vectors:
         """The `extra` rows for encode_tokens: zeros for placeholders registered before ours."""
         return joint_extra([self], detach)
 
-    def embedding(self, step: int) -> Embedding:
-        return Embedding(self.token, [p.detach().float().cpu() for p in self.params], step=step,
+    def embedding(self, step: int, values: list[torch.Tensor] | None = None) -> Embedding:
+        """The vectors as an Embedding of `step`; `values`: earlier vectors to give instead (a
+        diverged run keeps its last good ones)."""
+        values = values if values is not None else [p.detach() for p in self.params]
+        return Embedding(self.token, [v.float().cpu() for v in values], step=step,
                          sd_checkpoint=self.sd_checkpoint, sd_checkpoint_name=self.sd_checkpoint_name)
 
 
@@ -377,6 +462,7 @@ class _Concept:
     step: int = 0  # optimizer steps done
     resumed_at: int = 0
     diverged: _Diverged | None = None  # set when its loss or gradient turned non-finite: it stops alone
+    last_good: _LastGood = field(default_factory=lambda: _LastGood())  # what it keeps if it diverges
 
     @property
     def training(self) -> bool:
@@ -498,13 +584,40 @@ class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         self.loss = loss
 
-    def user_error(self, step: int, folder: RunFolder | None) -> UserError:
-        where = f"; the embedding from step {step} is in {folder.path}" if folder is not None else ""
-        return UserError(f"the loss or its gradient became non-finite at step {step + 1} (loss {self.loss}; "
-                         f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
+    def user_error(self, step: int, folder: RunFolder | None, kept: int | None) -> RunError:
+        """step: optimizer steps done when the loss of the next one was not finite; kept: the step
+        of the vectors kept (the last whose loss and gradient were finite), None if none was."""
+        if kept is None:  # the very vectors this session started from: the model or the data
+            start = "before any update" if step == 0 else f"at the first step after resuming from step {step}"
+            return RunError(f"the loss is {self.loss} {start}, so it is not the learning rate: the model's "
+                            "weights or the images give NaN/inf (a broken merge or conversion can hold NaN "
+                            "weights); check the checkpoint, or train with --dtype float32; nothing was saved")
+        where = (f"; kept the embedding of step {kept}, the last with a finite loss, in {folder.path}"
+                 if folder is not None else f"; the last embedding with a finite loss is from step {kept}")
+        return RunError(f"the loss or its gradient became non-finite at step {step + 1} (loss {self.loss}; "
+                        f"diverged){where}. Lower --lr, add --max-grad-norm 1, or train in float32")
 
 
-class Diverged(UserError):
+class _LastGood:
+    """The vectors and optimizer state of the last step whose loss and gradient were finite, so that
+    a diverged run keeps those, never the update that then produced NaN/inf. Copies of a few
+    [n, dim] tensors per step: nothing next to a UNet step."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.vectors: list[torch.Tensor] = []
+        self.optimizer: dict = {}
+        self._pending: tuple = ()
+
+    def before(self, step: int, vectors: _Vectors, optimizer: torch.optim.Optimizer) -> None:
+        """The state `step` is about to be updated from; it becomes the good one once its loss is."""
+        self._pending = (step, [p.detach().clone() for p in vectors.params], copy.deepcopy(optimizer.state_dict()))
+
+    def finite(self) -> None:
+        self.step, self.vectors, self.optimizer = self._pending
+
+
+class Diverged(RunError):
     """Concepts whose loss or gradient turned non-finite (without fp16 loss scaling); their last
     good embeddings are saved. `embeddings` holds every concept's final embedding, in order."""
 
@@ -551,7 +664,12 @@ def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prom
                                 method=config.preview_sampler, height=data.resolution, width=data.resolution,
                                 shape=tuple(data.latents.shape[1:]))
     pixels = sampling.decode(sd, latents)  # the VAE comes back for this only, the UNet waits on the host
-    atomic.save_png(sampling.to_pil(pixels)[0], folder.preview_path(file_stem(config.token), step))
+    path = folder.preview_path(file_stem(config.token), step)
+    try:
+        atomic.save_png(sampling.to_pil(pixels)[0], path)
+    except OSError as e:  # a preview is for looking at: a full disk here must not end (or lose) the run
+        log.warning("could not write the preview %s (%s); training goes on", path, e.reason
+                    if isinstance(e, atomic.WriteError) else e.strerror or e)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -565,8 +683,8 @@ def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short
     folder = RunFolder(config.output) if config.output is not None else None
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
-    if state is None and folder is not None:
-        folder.refuse_if_taken(config.overwrite)
+    if folder is not None and world.writes:
+        folder.check_start(config)
     init = initial_vectors(sd, config.init, config.vectors or (state["n_vectors"] if state else None))
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
@@ -583,11 +701,12 @@ def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short
 
 
 def _finish(sd, c: _Concept, identity: dict | None) -> None:
-    """The end of a concept's run: the last preview when it reached its steps, the final save."""
-    if c.previews and c.step >= c.config.steps and c.step > c.resumed_at:
-        _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
+    """The end of a concept's run: the final save, then the last preview when it reached its steps
+    (a preview that fails, a full disk, must not cost the steps since the last save)."""
     if c.step > 0 and c.folder is not None:
         c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
+    if c.previews and c.step >= c.config.steps and c.step > c.resumed_at:
+        _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
 
 
 def _step_info(sd, done: list[tuple], concepts: list[_Concept], iterations: int, elapsed: float) -> StepInfo:
@@ -646,6 +765,7 @@ def train_many(sd, configs: list[TrainConfig],
         raise UserError("no concepts to train: pass at least one TrainConfig")
     for config in configs:
         _validate(config)
+        _warn_about(config)
     _validate_together(configs)
     world = distributed.launched()
     _freeze(sd)
@@ -684,15 +804,20 @@ def train_many(sd, configs: list[TrainConfig],
                 done = []  # (concept, loss, lr, applied) of the concepts that made their step
                 for c, loss in zip(active, losses):
                     lr = c.lr_at(c.step)
+                    c.last_good.before(c.step, c.vectors, c.optimizer)
                     try:
                         applied = _optimizer_step(c, loss, lr)
-                    except _Diverged as e:  # keep the last good vectors; this concept stops, the others go on
+                    except _Diverged as e:  # keep the last vectors whose loss was finite; the others go on
                         c.diverged = e
-                        if c.folder is not None:
-                            c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
+                        kept = c.last_good
+                        if c.folder is not None and kept.step is not None:
+                            c.folder.save(c.vectors.embedding(kept.step, kept.vectors), identity, c.optimizer,
+                                          c.scaler, optimizer_state=kept.optimizer)
                         if len(concepts) > 1:
-                            log.error("%s: %s", c.config.token, e.user_error(c.step, c.folder))
+                            log.error("%s: %s", c.config.token, e.user_error(c.step, c.folder, kept.step))
                         continue
+                    if applied:
+                        c.last_good.finite()
                     c.step += 1
                     done.append((c, loss, lr, applied))
                     elapsed = time.perf_counter() - start
@@ -716,9 +841,13 @@ def train_many(sd, configs: list[TrainConfig],
                 _finish(sd, c, identity)
         if stop.requested and all(c.step == 0 for c in concepts):
             log.warning("stopped before the first step: nothing was saved")
-    embeddings = [c.vectors.embedding(c.step) for c in concepts]
+    # a diverged concept's embedding is its last good one, as saved, never the update that broke it
+    embeddings = [c.vectors.embedding(c.last_good.step, c.last_good.vectors)
+                  if c.diverged is not None and c.last_good.step is not None else c.vectors.embedding(c.step)
+                  for c in concepts]
     diverged = [c for c in concepts if c.diverged is not None]
     if diverged:
-        raise Diverged([(c.config.token, c.diverged.user_error(c.step, c.folder)) for c in diverged], embeddings)
+        raise Diverged([(c.config.token, c.diverged.user_error(c.step, c.folder, c.last_good.step))
+                        for c in diverged], embeddings)
     return embeddings
 

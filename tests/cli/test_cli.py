@@ -34,3 +34,13 @@ def test_kernels_are_not_importable_as_top_level_package():
 
     spec = importlib.util.find_spec("kernels")
     assert spec is None or "minti" not in str(spec.origin)
+
+
+def test_version_prints_minti_and_its_version(capsys):
+    import pytest
+
+    from minti.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minti {minti.__version__}"

@@ -112,14 +112,14 @@ BAD = {
 def test_foreign_files_fail_with_one_line_naming_the_file_and_what_it_looks_like(tmp_path, capsys, name):
     tensors, what = BAD[name]
     path = _tiny(tmp_path, name, tensors)
-    assert main(["inspect", str(path)]) == 1
+    assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and what in err[0]
 
 
 def test_directory_that_is_not_a_model_names_the_file_inside(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    assert main(["inspect", str(tmp_path)]) == 1
+    assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a diffusers model" in err and "model.safetensors" in err
 
@@ -132,6 +132,6 @@ def test_unexpected_key_shape_is_one_line(files, tmp_path, capsys):
     state["first_stage_model.decoder.conv_out.bias"] = torch.zeros(5)
     path = tmp_path / "bad-shape.safetensors"
     save_file(state, str(path))
-    assert main(["inspect", str(path)]) == 1
+    assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert "decoder.conv_out.bias" in err and "shape" in err and os.linesep not in err.strip()

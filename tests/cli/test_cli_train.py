@@ -43,7 +43,7 @@ def train_args(ckpt, images, out, *extra):
 def one_line_error(capsys, argv, needle):
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1
+    assert rc == 2
     assert len(err) == 1 and err[0].startswith(f"minti {argv[0]}: error:") and needle in err[0], err
     return err[0]
 

@@ -121,7 +121,7 @@ def test_demo_defaults_flags_override_and_model_turns_them_off(demo_env, tiny):
 def one_line_error(capsys, argv: list[str], *needles: str) -> str:
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and err[0].startswith(f"minti {argv[0]}: error:"), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"minti {argv[0]}: error:"), err
     assert all(n in err[0] for n in needles), err
     return err[0]
 

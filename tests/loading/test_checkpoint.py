@@ -1,4 +1,5 @@
 """Detection and key mapping on the REAL layouts (shapes only: no weights, no files)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def test_a_tensor_of_another_shape_is_a_one_line_error_naming_it(key, shape, nam
 def test_a_part_missing_a_tensor_its_config_is_read_from_is_a_one_line_error():
     shapes = read_layout("sd15")
     del shapes["model.diffusion_model.out.2.weight"]  # out_channels comes from it
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unet shapes do not form a valid sd1 model"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: has no model\.diffusion_model\.out\.2\.weight "
+                                              r"tensor, which the sd1 unet is built from"):
         from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
 
 
@@ -157,3 +159,27 @@ def test_prediction_type_follows_markers_and_documented_name_patterns(family, na
 def test_detection_uses_structure_so_narrow_models_are_recognised():
     for layout, family in FAMILY.items():
         assert detect_family(read_layout(layout), "f") == family
+
+
+def _retyped(layout: str, drop: str | None = None, **changes) -> dict:
+    shapes = {k: s for k, s in read_layout(layout).items() if k != drop}
+    for pattern, new_shape in changes.items():
+        for key in [k for k in shapes if pattern.replace("__", ".") in k]:
+            shapes[key] = new_shape(shapes[key]) if callable(new_shape) else new_shape
+    return shapes
+
+
+@pytest.mark.parametrize("shapes, named", [
+    (_retyped("sd15", **{"token_embedding__weight": (49000, 768)}), "token_embedding.weight has 49000 rows"),
+    (_retyped("sd21", **{"positional_embedding": (64, 1024)}), "positional_embedding has 64 positions"),
+    (_retyped("sd15", **{"attn2__to_k__weight": lambda s: (s[0], 1024), "attn2__to_v__weight": lambda s: (s[0], 1024)}),
+     "cross-attention takes 1024-wide text"),
+    (_retyped("sdxl", drop="conditioner.embedders.1.model.text_projection"),
+     "has no conditioner.embedders.1.model.text_projection"),
+    (_retyped("sdxl", **{"label_emb__0__0__weight": (1280, 2304)}), "label_emb.0.0.weight takes 2304 inputs"),
+])
+def test_parts_that_do_not_fit_together_are_refused_before_any_weight_is_read(shapes, named):
+    # each part builds from its own shapes; what training indexes across them must fit too
+    with pytest.raises(CheckpointError, match=re.escape(named)) as e:
+        from_checkpoint(shapes_checkpoint(shapes), None, torch.device("meta"))
+    assert str(e.value).startswith("model.safetensors: ") and "\n" not in str(e.value)

@@ -139,7 +139,7 @@ def test_a_lost_rank_ends_the_other_with_a_clear_message_instead_of_a_hang(tiny_
     ranks = on_two_ranks(tiny_sd, partial(_rank_1_dies, how=how, output=tmp_path / "run"), wait_s=30)
     assert 1 not in ranks and 0 in ranks, ranks
     error = ranks[0]["error"]
-    assert error.startswith("UserError: rank 0 of 2 lost the other ranks during step 2"), error
+    assert error.startswith("RunError: rank 0 of 2 lost the other ranks during step 2"), error
     assert f"within {TIMEOUT_S} s" in error and "\n" not in error and str(tmp_path / "run") in error
     # a hang is noticed by the timeout, a crash at once (its sockets close)
     assert ranks[0]["seconds"] < TIMEOUT_S + 10

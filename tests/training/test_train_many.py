@@ -92,8 +92,11 @@ def test_a_diverging_concept_stops_alone_and_the_others_train_on(tiny_sd, square
     with pytest.raises(Diverged, match="<dh>: the loss or its gradient became non-finite at step 2") as e:
         train_many(tiny_sd, [heart("<dh>", tmp_path / "dh", lr=1e30), square("<dq>", squares, tmp_path / "dq")])
     assert "\n" not in str(e.value) and str(tmp_path / "dh") in str(e.value)
+    assert "kept the embedding of step 0" in str(e.value)
     kept, other = e.value.embeddings
-    assert kept.step == 1 and load_embedding(tmp_path / "dh" / "dh.pt").step == 1  # the last good step
+    # the last step whose loss was finite: the vectors before the update that threw them to 1e30
+    assert kept.step == 0 and load_embedding(tmp_path / "dh" / "dh.pt").step == 0
+    assert torch.equal(kept.vectors[0], load_embedding(tmp_path / "dh" / "dh.pt").vectors[0])
     assert other.step == 3 and load_embedding(tmp_path / "dq" / "dq.pt").step == 3
 
 
@@ -117,7 +120,7 @@ BAD_FILES = [
 def test_concepts_file_mistakes_are_one_line_errors_naming_the_file(file, text, message, tmp_path, capsys):
     path = tmp_path / file
     path.write_text(text)
-    assert main(["train", "--model", str(TINY_MODEL), "--concepts", str(path), "--device", "cpu"]) == 1
+    assert main(["train", "--model", str(TINY_MODEL), "--concepts", str(path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minti train: error:") and message in err[0], err
     assert str(path) in err[0]

@@ -29,11 +29,12 @@ import torch
 
 from minti import atomic, diffusion, sampling
 from minti.errors import UserError
-from minti.training import lr_schedules, memory
+from minti.training import lr_schedules, memory, report
+from minti.training.norm import NormControl
 from minti.training import templates as tpl
 from minti.training.config import TrainConfig
-from minti.training.data import TrainingData, generator, load_images
-from minti.training.embedding import Embedding, file_stem, load_embedding, mismatch
+from minti.training.data import TrainingData, buckets_on, generator, load_images
+from minti.training.embedding import Embedding, file_stem, load_embedding, mismatch, save_png_card
 from minti.training.run_folder import RunFolder, checkpoint_short_hash, model_identity
 
 log = logging.getLogger("minti")
@@ -129,7 +130,7 @@ def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 def initial_vectors(sd, init: str, n: int | None) -> list[torch.Tensor]:
     """fp32 CPU [n, dim] per encoder, from init words or an embedding file."""
-    if Path(init).suffix.lower() in (".pt", ".bin", ".safetensors"):
+    if Path(init).suffix.lower() in (".pt", ".bin", ".safetensors", ".png"):
         try:
             emb = load_embedding(init)
         except ValueError as e:
@@ -269,20 +270,19 @@ def _latents_cached(sd, data: TrainingData, latent_sampling: str, vae_was_loaded
 def _training_data(sd, config: TrainConfig, resolution: int, templates: list[str], n_vectors: int) -> TrainingData:
     with _as_user_error():
         images = load_images(config.images)
-        if config.template in tpl.BUILTIN and any(im.caption for im in images):
+        if config.template in tpl.BUILTIN and any(im.caption_from == "txt" for im in images):
             # captions name what the token should NOT absorb (background, pose, ...): use them
             templates = tpl.with_filewords(templates)
         data = TrainingData(images, resolution, templates, config.token, seed=config.seed, crop=config.crop,
                             random_crops=config.random_crops, flip=config.flip, alpha_mask=config.alpha_mask,
-                            repeats=config.repeats)
-    # The text encoder sees 75 tokens; vectors pushed past that are cut off and never trained.
-    tokenizer = sd.tokenizers[0]
-    captions = {im.caption for im in images} or {""}
-    longest = max(len(tokenizer.tokenize_words(tpl.fill(t, config.token, c))) for t in templates for c in captions)
-    if longest > MAX_VECTORS:
-        log.warning("the longest training prompt is %d tokens; CLIP reads 75, so the rest (possibly some of "
-                    "the %d vectors) is cut off: use fewer --vectors, shorter captions or templates",
-                    longest, n_vectors)
+                            repeats=config.repeats, buckets=buckets_on(config.buckets, sd.family),
+                            shuffle_tags=config.shuffle_tags, tag_dropout=config.tag_dropout,
+                            keep_tokens=config.keep_tokens)
+        # The text encoder sees 75 tokens: a template line that never puts every vector inside them
+        # is an error (it would train nothing), one that does so only with some captions a warning.
+        tokenizer = sd.tokenizers[0]
+        tpl.check_token_shown(templates, [im.caption for im in images], config.token, tokenizer.tokenize_words,
+                              tokenizer.placeholders[config.token], tpl.describe_source(config.template), MAX_VECTORS)
     return data
 
 
@@ -355,9 +355,8 @@ def _micro_batch_loss(sd, config: TrainConfig, data: TrainingData, vectors: _Vec
     context, pooled = sd.encode_tokens(sd.tokenize(prompts), vectors.extra())
     y = None
     if sd.family == "sdxl":
-        size = (data.resolution, data.resolution)
         y = torch.cat([sd.sdxl_vector(pooled[i:i + 1], original_size=v.original_size, crop=v.crop_top_left,
-                                      target_size=size) for i, v in enumerate(variants)])
+                                      target_size=v.target_size) for i, v in enumerate(variants)])
     return diffusion.diffusion_loss(sd.unet, latents.to(sd.device), noise, t, context, y,
                                     prediction=sd.prediction, weights=weights, acp=acp)
 
@@ -406,12 +405,27 @@ def _optimizer_step(sd, config: TrainConfig, data: TrainingData, vectors: _Vecto
 def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prompt: str, data: TrainingData,
              step: int) -> None:
     """Draw the preview image of `step` (always the same seed) into the run folder."""
+    height, width = data.preview_size()  # the square, or the bucket most images are in
     latents = sampling.generate(sd, [prompt], extra=vectors.extra(detach=True), steps=config.preview_steps,
                                 guidance=config.preview_guidance, seeds=[config.seed],
-                                method=config.preview_sampler, height=data.resolution, width=data.resolution,
-                                shape=tuple(data.latents.shape[1:]))
+                                method=config.preview_sampler, height=height, width=width,
+                                shape=data.preview_latent_shape())
     pixels = sampling.decode(sd, latents)  # the VAE comes back for this only, the UNet waits on the host
     atomic.save_png(sampling.to_pil(pixels)[0], folder.preview_path(file_stem(config.token), step))
+    report.write_quietly(folder.path)
+
+
+def _png_card(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prompt: str, data: TrainingData,
+              step: int) -> None:
+    """--png-card: <name>.png beside the .pt, the newest preview carrying the embedding (A1111's
+    card); without a preview one is drawn for it. A failure to write it is a warning."""
+    if report.newest_preview(folder.path) is None:
+        _preview(sd, config, folder, vectors, prompt, data, step)
+    try:
+        save_png_card(vectors.embedding(step), report.newest_preview(folder.path),
+                      folder.path / f"{file_stem(config.token)}.png")
+    except OSError as e:
+        log.warning("could not write the PNG card (%s); the embedding files are saved", e)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -438,6 +452,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
         lr_at = lr_schedules.make_lr_schedule(config.lr, config.lr_schedule, config.steps, config.warmup_steps)
         templates = tpl.load_templates(config.template)
         resolution = training_resolution(sd, config)
+        # also with --buckets: no bucket has more pixels than resolution^2 (data.make_buckets)
         plan = memory.apply(sd, config.memory, resolution, config.batch_size, config.vram)
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
@@ -447,7 +462,10 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
     preview_prompt = _preview_prompt(config, data.templates)
+    norms = NormControl.from_config(config.norm, config.max_norm, [token_table(e) for e in sd.text_encoders])
     _log_how_it_runs(sd, plan)  # only once the input is valid: a bad flag gets its one error line
+    if norms.active:
+        log.info(norms.describe())
     vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
                        short_hash, _checkpoint_name(sd.source))
     optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,
@@ -475,6 +493,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
                 if folder is not None:
                     folder.save(vectors.embedding(step), identity, optimizer, scaler)
                 raise e.user_error(step, folder) from None
+            norms.apply(vectors.params)  # --norm / --max-norm: on the trained vectors, after the update
             step += 1
             elapsed = time.perf_counter() - start
             info = StepInfo(step=step, total=config.steps, loss=loss, lr=lr, skipped=not applied,
@@ -496,4 +515,7 @@ def train(sd, config: TrainConfig, on_step: Callable[[StepInfo], bool | None] | 
             log.warning("stopped before the first step: nothing was saved")
         elif step > 0 and folder is not None:
             folder.save(vectors.embedding(step), identity, optimizer, scaler)
+            if config.png_card:
+                _png_card(sd, config, folder, vectors, preview_prompt, data, step)
+            report.write_quietly(folder.path)
     return vectors.embedding(step)

@@ -28,7 +28,7 @@ log = logging.getLogger("minti")
 REPORT_FILE = "report.html"
 SMOOTHING = 0.9  # exponential moving average of the loss; the raw curve of a diffusion loss is mostly noise
 THUMBNAIL = 512  # previews larger than this (SDXL's 1024²) are embedded scaled down, to keep the page light
-WIDTH, HEIGHT, PAD = 720, 240, 48  # SVG chart size and margin, in CSS pixels
+WIDTH, HEIGHT, PAD, LEFT = 760, 240, 40, 80  # SVG chart size, margin and left margin (the y labels), in CSS px
 
 _PREVIEW_STEP = re.compile(r"-(\d+)\.png$")
 
@@ -89,24 +89,24 @@ def _chart(title: str, steps: list[int], series: list[tuple[str, str, list[float
     y_lo, y_hi = min(values), max(values)
     if y_lo == y_hi:
         y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1.0), y_hi + 0.5 * (abs(y_hi) or 1.0)
-    x = _scale(x_lo, x_hi if x_hi > x_lo else x_lo + 1, WIDTH - 2 * PAD, flip=False)
-    y = _scale(y_lo, y_hi, HEIGHT - 2 * PAD, flip=True)
+    w, h = WIDTH - LEFT - PAD, HEIGHT - 2 * PAD
+    x = _scale(x_lo, x_hi if x_hi > x_lo else x_lo + 1, w, flip=False)
+    y = _scale(y_lo, y_hi, h, flip=True)
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{HEIGHT}' "
              f"viewBox='0 0 {WIDTH} {HEIGHT}' role='img' aria-label='{html.escape(title)}'>",
-             f"<text x='{PAD}' y='{PAD - 20}' class='title'>{html.escape(title)}</text>",
-             f"<g transform='translate({PAD},{PAD})'>",
-             f"<rect width='{WIDTH - 2 * PAD}' height='{HEIGHT - 2 * PAD}' class='frame'/>"]
+             f"<text x='{LEFT}' y='{PAD - 20}' class='title'>{html.escape(title)}</text>",
+             f"<g transform='translate({LEFT},{PAD})'>",
+             f"<rect width='{w}' height='{h}' class='frame'/>"]
     for frac in (0.0, 0.5, 1.0):  # three y ticks and the two x ends are enough to read a trend
         v = y_lo + frac * (y_hi - y_lo)
         parts.append(f"<text x='-6' y='{y(v):.1f}' class='tick' text-anchor='end'>{format(v, y_format)}</text>")
-    parts.append(f"<text x='0' y='{HEIGHT - 2 * PAD + 16}' class='tick'>step {x_lo}</text>")
-    parts.append(f"<text x='{WIDTH - 2 * PAD}' y='{HEIGHT - 2 * PAD + 16}' class='tick' "
-                 f"text-anchor='end'>step {x_hi}</text>")
+    parts.append(f"<text x='0' y='{h + 16}' class='tick'>step {x_lo}</text>")
+    parts.append(f"<text x='{w}' y='{h + 16}' class='tick' text-anchor='end'>step {x_hi}</text>")
     for ident, colour, vs in series:
         points = " ".join(f"{x(s):.2f},{y(v):.2f}" for s, v in zip(steps, vs))
         parts.append(f"<polyline id='{ident}' points='{points}' fill='none' stroke='{colour}' stroke-width='1.2'/>")
     legend = " &#160; ".join(f"<tspan fill='{c}'>&#9473; {html.escape(i)}</tspan>" for i, c, _ in series)
-    parts.append(f"<text x='{WIDTH - 2 * PAD}' y='-8' class='tick' text-anchor='end'>{legend}</text>")
+    parts.append(f"<text x='{w}' y='-8' class='tick' text-anchor='end'>{legend}</text>")
     parts.append("</g></svg>")
     return "".join(parts)
 
@@ -192,8 +192,7 @@ def render(folder: str | Path) -> str:
              ("minti", record.get("minti", "?"))]
     if isinstance(record.get("identity"), dict):
         model += [(k, v) for k, v in record["identity"].items()]
-    body.append(_table(model))
-    body.append(_table(sorted(config.items())))
+    body.append(_table(model + sorted(config.items())))
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.name != REPORT_FILE) if folder.is_dir() else []
     body.append(f"<h2>Files</h2>")

@@ -148,9 +148,11 @@ def load_images(folder: str | Path) -> list[SourceImage]:
         if alpha is not None:
             # composite before any resampling: filtering the composite has no dark fringes at edges
             rgb = rgb * alpha + (1.0 - alpha)
-        caption = read_caption(path)
-        words = "" if caption else tpl.filename_words(path)
-        images.append(SourceImage(path, rgb, alpha, caption or words, "txt" if caption else "name" if words else ""))
+        if path.with_suffix(".txt").is_file():  # as in A1111, a sidecar is the caption even when empty
+            images.append(SourceImage(path, rgb, alpha, read_caption(path), "txt"))
+        else:
+            words = tpl.filename_words(path)
+            images.append(SourceImage(path, rgb, alpha, words, "name" if words else ""))
     if not images:
         raise ValueError(f"no readable image in {folder}: every file failed to decode (see the warnings "
                          "above); re-export them as png or jpg")

@@ -115,12 +115,14 @@ def test_filewords_come_from_the_sidecar_else_from_the_file_name_as_a1111_does(t
     (tmp_path / "00003-a.txt").write_text("  on a   red sofa \n")  # the sidecar wins over the name
     save(tmp_path, "00012-on_the-beach.at night.png", np.zeros((64, 64, 3), np.uint8))
     save(tmp_path, "7.png", np.zeros((64, 64, 3), np.uint8))  # only a number: no words
+    save(tmp_path, "quiet_room.png", np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "quiet_room.txt").write_text("")  # an empty sidecar is an empty caption, as in A1111
     images = load_images(tmp_path)
     assert [(im.caption, im.caption_from) for im in images] == [
-        ("on a red sofa", "txt"), ("on the beach.at night", "name"), ("", "")]
+        ("on a red sofa", "txt"), ("on the beach.at night", "name"), ("", ""), ("", "txt")]
     data = TrainingData(images, 64, ["a photo of [name], [filewords]"], "<cat>")
     data.encode(FakeSD())
-    prompts = {data.sample(i)[1] for i in range(12)}
+    prompts = {data.sample(i)[1] for i in range(16)}
     assert prompts == {"a photo of <cat>, on a red sofa", "a photo of <cat>, on the beach.at night", "a photo of <cat>"}
 
 

@@ -46,7 +46,8 @@ class TrainConfig:
                                  default_help="1, or the --init file's count", type=int)
     steps: int = _field(3000, "total optimizer steps, also when resuming", TRAINING, type=int)
     resolution: int | None = _field(None, "training size in pixels: the short side is resized to it, then "
-                                    "cropped square", TRAINING, default_help="512; 768 for SD 2.x v models; "
+                                    "cropped square (with --buckets: at most resolution^2 pixels in the image's "
+                                    "aspect ratio)", TRAINING, default_help="512; 768 for SD 2.x v models; "
                                     "1024 for SDXL", type=int)
     batch_size: int = _field(1, "images per micro-batch", TRAINING, type=int)
     grad_accum: int = _field(1, "micro-batches per optimizer step", TRAINING, type=int)

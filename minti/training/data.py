@@ -173,8 +173,9 @@ def make_buckets(resolution: int, multiple: int = BUCKET_MULTIPLE) -> list[tuple
     from the tallest to the widest.
 
     Never more pixels than resolution^2, so the memory plan made for resolution x resolution holds
-    for every bucket: with sides divisible by 64, each tensor of the training step has a size
-    proportional to the pixel count, whatever the aspect ratio.
+    for every bucket: with sides divisible by 64 (every UNet level halves them exactly), the size of
+    each tensor of the training step depends on the pixel count alone, not on the aspect ratio,
+    and grows with it.
     """
     area = resolution * resolution
     lo = max(multiple, resolution // 2 // multiple * multiple)

@@ -286,6 +286,7 @@ def build_concepts(family: str, resolution: int, k: int, device: torch.device):
     from minti.training import trainer
     from minti.training.config import TrainConfig
     from minti.training.data import SourceImage, TrainingData, Variant
+    from minti.training.norm import NormControl
 
     sd = random_model(family, torch.float16, device)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
@@ -296,13 +297,14 @@ def build_concepts(family: str, resolution: int, k: int, device: torch.device):
         offset = trainer.register_token(sd, token, 1)
         image = SourceImage(Path(f"{i}.png"), torch.zeros(3, resolution, resolution, device="meta"), None)
         data = TrainingData([image], resolution, ["a photo of [name]"], token, seed=i)
-        data.variants = [Variant(0, 0, 0, False, (resolution, resolution), (0, 0))]
-        data.latents = torch.zeros(1, 4, resolution // 8, resolution // 8)  # on the host, as the trainer keeps them
+        data.variants = [Variant(0, 0, 0, False, (resolution, resolution), (0, 0), (resolution, resolution))]
+        data.latents = [torch.zeros(4, resolution // 8, resolution // 8)]  # on the host, as the trainer keeps them
         vectors = trainer._Vectors(token, [torch.nn.Parameter(torch.zeros(1, d, device=device))
                                            for d in sd.embedding_dims], offset, None, "bench")
         optimizer = torch.optim.AdamW(vectors.params, lr=5e-3, weight_decay=0.0)
         scaler = trainer.LossScaler(2.0 ** 16 if device.type == "cuda" else None)
-        concepts.append(trainer._Concept(config, data, vectors, optimizer, scaler, lambda step: 5e-3, None, ""))
+        concepts.append(trainer._Concept(config, data, vectors, optimizer, scaler, lambda step: 5e-3, None, "",
+                                         NormControl.from_config("off", None, [])))
     return sd, concepts, alphas_cumprod().to(device, torch.float32)
 
 

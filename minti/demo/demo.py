@@ -144,7 +144,7 @@ def heldout_loss(sd, data, token: str, templates: list[str], extra: list[torch.T
 
     acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)
     gen = torch.Generator().manual_seed(seed)
-    x0 = data.latents.repeat_interleave(pairs, dim=0)
+    x0 = torch.stack(data.latents).repeat_interleave(pairs, dim=0)
     n = x0.shape[0]
     t = torch.tensor([int((i % pairs + 0.5) * diffusion.NUM_TRAIN_TIMESTEPS / pairs) for i in range(n)])
     noise = torch.randn(x0.shape, generator=gen)
@@ -212,7 +212,7 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
     offset = register_token(sd, config.token, n)  # registered by training; this finds its rows
     templates = tpl.load_templates(config.template)
     prompt = config.preview_prompt or tpl.fill(templates[0], config.token)
-    from_file = Path(config.init).suffix.lower() in (".pt", ".bin", ".safetensors")
+    from_file = Path(config.init).suffix.lower() in (".pt", ".bin", ".safetensors", ".png")
     init_label = f"{prompt} ({config.token} = {Path(config.init).name})" if from_file else \
         prompt.replace(config.token, config.init)
     res = training_resolution(sd, config)

@@ -46,7 +46,8 @@ class TrainConfig:
                                  default_help="1, or the --init file's count", type=int)
     steps: int = _field(3000, "total optimizer steps, also when resuming", TRAINING, type=int)
     resolution: int | None = _field(None, "training size in pixels: the short side is resized to it, then "
-                                    "cropped square", TRAINING, default_help="512; 768 for SD 2.x v models; "
+                                    "cropped square (with --buckets: at most resolution^2 pixels in the image's "
+                                    "aspect ratio)", TRAINING, default_help="512; 768 for SD 2.x v models; "
                                     "1024 for SDXL", type=int)
     batch_size: int = _field(1, "images per micro-batch", TRAINING, type=int)
     grad_accum: int = _field(1, "micro-batches per optimizer step", TRAINING, type=int)
@@ -67,10 +68,28 @@ class TrainConfig:
     random_crops: int = _field(4, "crop variants cached per image with --crop random", DATA, type=int)
     alpha_mask: bool = _field(False, "PNG transparency weights the loss (transparent areas are always "
                               "composited on white)", DATA, action=BooleanOptionalAction)
+    buckets: bool | None = _field(None, "aspect-ratio buckets: each image is resized and cropped to the bucket of "
+                                  "nearest aspect ratio (sides multiples of 64, at most resolution^2 pixels) and "
+                                  "each batch comes from one bucket", DATA,
+                                  default_help="on for SDXL, off otherwise", action=BooleanOptionalAction)
+    shuffle_tags: bool = _field(False, "shuffle the comma-separated tags of each caption for every sample (kohya's "
+                                "shuffle_caption)", DATA, action=BooleanOptionalAction)
+    tag_dropout: float = _field(0.0, "drop each caption tag with this probability, for every sample", DATA,
+                                type=float, metavar="P")
+    keep_tokens: int = _field(0, "the first N caption tags are never shuffled or dropped (kohya's keep_tokens)",
+                              DATA, type=int, metavar="N")
     latent_sampling: str = _field("mean", "cache the VAE posterior mean or one sample per image variant (drawn "
                                   "once)", DATA, choices=("mean", "sample"))
+    norm: str = _field("off", "preserve: after every step, rescale each trained vector to the median norm of its "
+                       "text encoder's token table (OneTrainer's approach)", TRAINING, choices=("off", "preserve"))
+    max_norm: float | None = _field(None, "after every step, clip each trained vector's norm to this (every text "
+                                    "encoder; the start of the run logs each table's median norm)", TRAINING,
+                                    default_help="none", type=float, metavar="X")
     loss_scale: float | None = _field(None, "fp16 dynamic loss scaling's starting scale; None: 2**16 for fp16 "
                                       "models, off otherwise")
+    png_card: bool = _field(False, "also save <name>.png: a preview image carrying the embedding in its text chunk, "
+                            "as A1111 writes it (A1111 and minti load it like the .pt)", OUTPUT,
+                            action=BooleanOptionalAction)
     save_every: int = _field(500, "save <name>-<step>.safetensors and the state every N steps (0: only at the "
                              "end)", OUTPUT, type=int)
     preview_every: int = _field(500, "draw a preview image every N steps, and one before the first (0: never)",

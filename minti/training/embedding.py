@@ -194,8 +194,11 @@ def _read(path: Path) -> dict:
                 return _read(path / name)
         raise ValueError(f"{path} is a folder without learned_embeds.safetensors: pass the embedding file itself")
     suffix = path.suffix.lower()
+    if suffix == ".png":
+        return read_png_card(path)
     if suffix not in (".safetensors", ".pt", ".bin", ".ckpt", ".pth"):
-        raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt or .bin")
+        raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt, .bin or an "
+                         "A1111 .png card")
     try:
         # before any parser: torch would answer text or HTML with an essay about weights_only
         instead = what_it_is_instead(path, noun="embedding")
@@ -255,6 +258,8 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if not isinstance(data, dict) or not data:
         raise _bad(path, "it holds no dict of tensors")
     stem = path.stem if not path.is_dir() else path.name
+    if path.suffix.lower() == ".png" and isinstance(data.get("name"), str) and data["name"]:
+        stem = data["name"]  # A1111 triggers a card by the name inside it, not its file name
     step = 0
     checkpoint = checkpoint_name = None
     if "string_to_param" in data:  # A1111 .pt
@@ -289,3 +294,94 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
                          "turn the text encoder's output into NaN (a diverged training run?); use an earlier save")
     emb.source = path
     return emb
+
+
+# ----------------------------------------------------------------------------- PNG card
+#
+# A1111's embedding card: a PNG (a preview of the concept) whose tEXt chunk "sd-ti-embedding"
+# holds base64 of a JSON object, the same dict as its .pt, with every tensor written as
+# {"TORCHTENSOR": nested lists of numbers}. A1111 takes the trigger word from its "name". A1111
+# also hides a zlib copy in coloured strips beside the picture, for cards whose text chunk a
+# website stripped; minti writes and reads the text chunk only.
+
+PNG_CARD_KEY = "sd-ti-embedding"
+_TENSOR_KEY = "TORCHTENSOR"
+
+
+def card_data(emb: Embedding) -> dict:
+    """What a card holds: the A1111 .pt dict (SDXL: clip_l and clip_g), named after the file stem."""
+    if emb.is_sdxl:
+        data = dict(zip(SDXL_KEYS, emb.vectors))
+        data.update(name=emb.name, step=emb.step)
+    else:
+        data = dict(emb.state_dicts()["pt"], name=emb.name)
+    return data
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        # float32 -> Python float -> JSON keeps every bit: the shortest repr of the double reads back exactly
+        return {_TENSOR_KEY: value.detach().float().cpu().tolist()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(obj: dict):
+    if set(obj) == {_TENSOR_KEY}:
+        return torch.tensor(obj[_TENSOR_KEY], dtype=torch.float32)
+    return obj
+
+
+def save_png_card(emb: Embedding, image, path: str | Path) -> Path:
+    """Write `image` (a PIL image or a PNG file) to `path` with the embedding in its text chunk
+    and a strip naming the embedding and its step under the picture; atomic."""
+    from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+    import base64
+    import json
+
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    label = f"{emb.name}  step {emb.step}" + (f"  {emb.sd_checkpoint_name}" if emb.sd_checkpoint_name else "")
+    strip = max(14, image.height // 16)
+    card = Image.new("RGB", (image.width, image.height + strip), "black")
+    card.paste(image.convert("RGB"), (0, 0))
+    try:  # Pillow >= 10.1 scales its bundled font
+        font = ImageFont.load_default(size=strip - 4)
+    except TypeError:
+        font = ImageFont.load_default()
+    ImageDraw.Draw(card).text((3, image.height + 1), label, fill="white", font=font)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_CARD_KEY, base64.b64encode(json.dumps(_jsonable(card_data(emb))).encode("utf-8")))
+    path = Path(path)
+    with atomic.atomic_path(path) as tmp:
+        card.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def read_png_card(path: str | Path) -> dict:
+    """The embedding dict of an A1111 PNG card (tensors as float32); ValueError naming the file
+    when it has no readable sd-ti-embedding text chunk."""
+    from PIL import Image, UnidentifiedImageError
+
+    import base64
+    import binascii
+    import json
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            text = getattr(img, "text", {}).get(PNG_CARD_KEY)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as a PNG ({e}); the file is damaged or not an image") from None
+    if text is None:
+        raise ValueError(f"{path} is a PNG without the {PNG_CARD_KEY!r} text chunk, so not an embedding card (an "
+                         "A1111 card whose text was stripped keeps its data only in the pixels, which minti does "
+                         "not read): use the embedding's .pt or .safetensors file")
+    try:
+        return json.loads(base64.b64decode(text, validate=False), object_hook=_from_json)
+    except (binascii.Error, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: its {PNG_CARD_KEY!r} text chunk is damaged ({type(e).__name__}: {e}); use the "
+                         "embedding's .pt or .safetensors file") from None

@@ -35,6 +35,7 @@ import torch
 
 from minti import atomic
 from minti.errors import RunError, UserError, missing_path
+from minti.training.report import REPORT_FILE
 from minti.training.config import TrainConfig, known_fields
 from minti.training.embedding import Embedding, file_stem
 
@@ -52,7 +53,8 @@ def run_files(name: str) -> list[str]:
     of the token whose file name is `name` writes."""
     n = re.escape(name)
     return [re.escape(CONFIG_FILE), re.escape(STATE_FILE), re.escape(LOSS_LOG), rf"{n}\.safetensors", rf"{n}\.pt",
-            r"learned_embeds\.safetensors", rf"{n}-\d+\.safetensors", rf"{PREVIEWS}/{n}-\d+\.png"]
+            r"learned_embeds\.safetensors", rf"{n}-\d+\.safetensors", rf"{PREVIEWS}/{n}-\d+\.png",
+            rf"{n}\.png", re.escape(REPORT_FILE)]
 
 
 def checkpoint_short_hash(path: str | Path) -> str | None:

@@ -7,7 +7,14 @@ while never describing the subject itself (that is what the token has to learn).
 """
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("minti")
 
 OBJECT = [
     "a snapshot of [name]",
@@ -86,6 +93,11 @@ def load_templates(spec: str) -> list[str]:
     return lines
 
 
+def describe_source(spec: str) -> str:
+    """How messages name a --template value: the built-in list or the file."""
+    return f"built-in {spec!r}" if spec in BUILTIN else f"file {spec}"
+
+
 def fill(template: str, token: str, caption: str = "") -> str:
     """Put the token and caption into one template line; tidy the commas a missing caption leaves."""
     text = template.replace("[name]", token).replace("[filewords]", caption.strip())
@@ -93,3 +105,70 @@ def fill(template: str, token: str, caption: str = "") -> str:
     while ", ," in text:
         text = text.replace(", ,", ",")
     return text.strip().strip(",").strip()
+
+
+# ------------------------------------------------------------------------------- captions
+
+# A1111 drops a leading run of digits and dashes: the counter its own tools put before file names.
+_LEADING_NUMBER = re.compile(r"^[\d-]+\s*")
+
+
+def filename_words(path: str | Path) -> str:
+    """[filewords] of an image without a .txt caption, as A1111 takes them from the file name:
+    extension and a leading number (`00012-`) dropped, `_` and `-` read as spaces."""
+    words = _LEADING_NUMBER.sub("", Path(path).stem)
+    return " ".join(words.replace("_", " ").replace("-", " ").split())
+
+
+def split_tags(caption: str) -> list[str]:
+    """A caption's comma-separated tags, stripped, empty ones dropped."""
+    return [t for t in (part.strip() for part in caption.split(",")) if t]
+
+
+def augment_caption(caption: str, shuffle: bool, dropout: float, keep: int, gen: torch.Generator) -> str:
+    """One sample's caption with kohya's tag options: the first `keep` tags stay in place, the rest
+    are shuffled (`shuffle`) and each dropped with probability `dropout`. Draws come from `gen`
+    only (the caller derives it from (seed, sample)), so a resumed run draws the same captions."""
+    if not shuffle and dropout <= 0:
+        return caption
+    tags = split_tags(caption)
+    fixed, free = tags[:keep], tags[keep:]
+    if shuffle and len(free) > 1:
+        free = [free[i] for i in torch.randperm(len(free), generator=gen).tolist()]
+    if dropout > 0 and free:
+        drawn = torch.rand(len(free), generator=gen).tolist()
+        free = [t for t, u in zip(free, drawn) if u >= dropout]
+    return ", ".join(fixed + free)
+
+
+def check_token_shown(templates: list[str], captions: list[str], token: str, tokenize: Callable[[str], list[int]],
+                      token_ids: list[int], source: str, window: int = 75) -> None:
+    """Every template line must show all of the token's vectors to the text encoder, inside the
+    `window` ids it reads, for at least one caption. A line that never does would train nothing
+    (no gradient reaches the vectors): ValueError naming `source` (the template file or built-in)
+    and the line. A line that loses the token only with some (long) captions gets a warning.
+
+    tokenize(text) -> ids with the registered token expanded to `token_ids`; a token glued to
+    other characters ("[name]s") is not matched by the tokenizer and shows up here as missing.
+    """
+    captions = sorted(set(captions)) or [""]
+    cut = 0
+    for line in templates:
+        shown = 0
+        for caption in captions:
+            ids = tokenize(fill(line, token, caption))
+            at = [i for i, x in enumerate(ids) if x == token_ids[-1]]
+            if at and at[0] < window:
+                shown += 1
+            elif not at:
+                raise ValueError(f"template {source}: in the line {line!r} the tokenizer never sees {token} "
+                                 "(is [name] glued to other characters?); put [name] between spaces or commas")
+        if shown == 0:
+            raise ValueError(f"template {source}: the line {line!r} puts {token} after the first {window} tokens the "
+                             "text encoder reads, for every caption, so it would train nothing; move [name] "
+                             "before [filewords] or shorten the captions")
+        cut += len(captions) - shown
+    if cut:
+        log.warning("%d of the %d training prompts (template line x caption) put %s past the %d tokens the text "
+                    "encoder reads: those samples teach nothing; move [name] to the front or shorten the captions",
+                    cut, len(templates) * len(captions), token, window)

@@ -33,11 +33,12 @@ import torch
 
 from minti import atomic, diffusion, sampling
 from minti.errors import RunError, UserError, missing_path
-from minti.training import distributed, lr_schedules, memory
+from minti.training import distributed, lr_schedules, memory, report
 from minti.training import templates as tpl
 from minti.training.config import TrainConfig
-from minti.training.data import TrainingData, generator, load_images
-from minti.training.embedding import Embedding, file_stem, load_embedding, mismatch
+from minti.training.data import TrainingData, buckets_on, generator, load_images
+from minti.training.embedding import Embedding, file_stem, load_embedding, mismatch, save_png_card
+from minti.training.norm import NormControl
 from minti.training.run_folder import RunFolder, checkpoint_short_hash, model_identity
 
 log = logging.getLogger("minti")
@@ -374,20 +375,19 @@ def _latents_cached(sd, concepts: list, vae_was_loaded: bool) -> Iterator[None]:
 def _training_data(sd, config: TrainConfig, resolution: int, templates: list[str], n_vectors: int) -> TrainingData:
     with _as_user_error():
         images = load_images(config.images)
-        if config.template in tpl.BUILTIN and any(im.caption for im in images):
+        if config.template in tpl.BUILTIN and any(im.caption_from == "txt" for im in images):
             # captions name what the token should NOT absorb (background, pose, ...): use them
             templates = tpl.with_filewords(templates)
         data = TrainingData(images, resolution, templates, config.token, seed=config.seed, crop=config.crop,
                             random_crops=config.random_crops, flip=config.flip, alpha_mask=config.alpha_mask,
-                            repeats=config.repeats)
-    # The text encoder sees 75 tokens; vectors pushed past that are cut off and never trained.
-    tokenizer = sd.tokenizers[0]
-    captions = {im.caption for im in images} or {""}
-    longest = max(len(tokenizer.tokenize_words(tpl.fill(t, config.token, c))) for t in templates for c in captions)
-    if longest > MAX_VECTORS:
-        log.warning("the longest training prompt is %d tokens; CLIP reads 75, so the rest (possibly some of "
-                    "the %d vectors) is cut off: use fewer --vectors, shorter captions or templates",
-                    longest, n_vectors)
+                            repeats=config.repeats, buckets=buckets_on(config.buckets, sd.family),
+                            shuffle_tags=config.shuffle_tags, tag_dropout=config.tag_dropout,
+                            keep_tokens=config.keep_tokens)
+        # The text encoder sees 75 tokens: a template line that never puts every vector inside them
+        # is an error (it would train nothing), one that does so only with some captions a warning.
+        tokenizer = sd.tokenizers[0]
+        tpl.check_token_shown(templates, [im.caption for im in images], config.token, tokenizer.tokenize_words,
+                              tokenizer.placeholders[config.token], tpl.describe_source(config.template), MAX_VECTORS)
     return data
 
 
@@ -459,6 +459,7 @@ class _Concept:
     lr_at: Callable[[int], float]
     folder: RunFolder | None  # where this process writes its files (rank 0 only); None: nothing written
     preview_prompt: str
+    norms: NormControl  # --norm / --max-norm, applied after every update
     step: int = 0  # optimizer steps done
     resumed_at: int = 0
     diverged: _Diverged | None = None  # set when its loss or gradient turned non-finite: it stops alone
@@ -541,10 +542,9 @@ def _micro_batch_loss(sd, concepts: list[_Concept], acp: torch.Tensor, micro: in
         if sd.family == "sdxl":
             rows, row = [], 0
             for i, d in zip(members, batch):
-                size = (concepts[i].data.resolution, concepts[i].data.resolution)
                 for v in d.variants:
                     rows.append(sd.sdxl_vector(pooled[row:row + 1], original_size=v.original_size,
-                                               crop=v.crop_top_left, target_size=size))
+                                               crop=v.crop_top_left, target_size=v.target_size))
                     row += 1
             y = torch.cat(rows)
         weights = [d.weights for d in batch] if any(d.weights is not None for d in batch) else None
@@ -651,6 +651,7 @@ def _optimizer_step(c: _Concept, mean_loss: float, lr: float) -> bool:
     for group in c.optimizer.param_groups:
         group["lr"] = lr
     c.optimizer.step()
+    c.norms.apply(c.vectors.params)  # on the trained vectors, after the update
     c.optimizer.zero_grad(set_to_none=True)
     c.scaler.update(True)
     return True
@@ -659,10 +660,11 @@ def _optimizer_step(c: _Concept, mean_loss: float, lr: float) -> bool:
 def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prompt: str, data: TrainingData,
              step: int) -> None:
     """Draw the preview image of `step` (always the same seed) into the run folder."""
+    height, width = data.preview_size()  # the square, or the bucket most images are in
     latents = sampling.generate(sd, [prompt], extra=vectors.extra(detach=True), steps=config.preview_steps,
                                 guidance=config.preview_guidance, seeds=[config.seed],
-                                method=config.preview_sampler, height=data.resolution, width=data.resolution,
-                                shape=tuple(data.latents.shape[1:]))
+                                method=config.preview_sampler, height=height, width=width,
+                                shape=data.preview_latent_shape())
     pixels = sampling.decode(sd, latents)  # the VAE comes back for this only, the UNet waits on the host
     path = folder.preview_path(file_stem(config.token), step)
     try:
@@ -670,6 +672,19 @@ def _preview(sd, config: TrainConfig, folder: RunFolder, vectors: _Vectors, prom
     except OSError as e:  # a preview is for looking at: a full disk here must not end (or lose) the run
         log.warning("could not write the preview %s (%s); training goes on", path, e.reason
                     if isinstance(e, atomic.WriteError) else e.strerror or e)
+    report.write_quietly(folder.path)
+
+
+def _png_card(sd, c: _Concept) -> None:
+    """--png-card: <name>.png beside the .pt, the newest preview carrying the embedding (A1111's
+    card); without a preview one is drawn for it. A failure to write it is a warning."""
+    if report.newest_preview(c.folder.path) is None:
+        _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
+    try:
+        save_png_card(c.vectors.embedding(c.step), report.newest_preview(c.folder.path),
+                      c.folder.path / f"{file_stem(c.config.token)}.png")
+    except OSError as e:
+        log.warning("could not write the PNG card (%s); the embedding files are saved", e)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -689,6 +704,9 @@ def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])
     preview_prompt = _preview_prompt(config, data.templates)
+    norms = NormControl.from_config(config.norm, config.max_norm, [token_table(e) for e in sd.text_encoders])
+    if norms.active:
+        log.info(norms.describe())
     vectors = _Vectors(config.token, [torch.nn.Parameter(v.to(sd.device, torch.float32)) for v in init], offset,
                        short_hash, _checkpoint_name(sd.source))
     optimizer = torch.optim.AdamW(vectors.params, lr=lr_at(0), betas=tuple(config.adam_betas), eps=config.adam_eps,
@@ -697,7 +715,7 @@ def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short
     scaler = LossScaler(config.loss_scale if config.loss_scale is not None else (2.0 ** 16 if fp16 else None))
     step = _resume(state, vectors, optimizer, scaler) if state is not None else 0
     return _Concept(config, data, vectors, optimizer, scaler, lr_at, folder if world.writes else None,
-                    preview_prompt, step=step, resumed_at=step)
+                    preview_prompt, norms, step=step, resumed_at=step)
 
 
 def _finish(sd, c: _Concept, identity: dict | None) -> None:
@@ -707,6 +725,10 @@ def _finish(sd, c: _Concept, identity: dict | None) -> None:
         c.folder.save(c.vectors.embedding(c.step), identity, c.optimizer, c.scaler)
     if c.previews and c.step >= c.config.steps and c.step > c.resumed_at:
         _preview(sd, c.config, c.folder, c.vectors, c.preview_prompt, c.data, c.step)
+    if c.step > 0 and c.folder is not None:
+        if c.config.png_card:
+            _png_card(sd, c)
+        report.write_quietly(c.folder.path)
 
 
 def _step_info(sd, done: list[tuple], concepts: list[_Concept], iterations: int, elapsed: float) -> StepInfo:
@@ -777,7 +799,8 @@ def train_many(sd, configs: list[TrainConfig],
     with _as_user_error():
         setups = [(lr_schedules.make_lr_schedule(c.lr, c.lr_schedule, c.steps, c.warmup_steps),
                    tpl.load_templates(c.template), training_resolution(sd, c)) for c in configs]
-        # one batch on each rank holds every concept's samples: plan the memory for all of them
+        # one batch on each rank holds every concept's samples: plan the memory for all of them;
+        # also with --buckets: no bucket has more pixels than resolution^2 (data.make_buckets)
         plan = memory.apply(sd, configs[0].memory, max(s[2] for s in setups), sum(c.batch_size for c in configs),
                             configs[0].vram)
     concepts = [_concept(sd, config, setup, identity, short_hash, world) for config, setup in zip(configs, setups)]

@@ -106,20 +106,24 @@ def test_transparency_is_composited_on_white_and_kept_as_a_loss_mask(tmp_path):
     assert next(im for im in images if im.path.name == "pal.png").alpha is not None
     data = TrainingData([cut], 64, ["[name]"], "<t>", alpha_mask=True)
     data.encode(FakeSD())
-    w = data.weights[0, 0]
+    w = data.weights[0][0]
     assert w.shape == (8, 8) and w[:, :4].min() == 1.0 and w[:, 4:].max() == 0.0
 
 
-def test_sidecar_captions_fill_filewords(tmp_path):
-    save(tmp_path, "a.png", np.zeros((64, 64, 3), np.uint8))
-    (tmp_path / "a.txt").write_text("  on a   red sofa \n")
-    save(tmp_path, "b.png", np.zeros((64, 64, 3), np.uint8))
+def test_filewords_come_from_the_sidecar_else_from_the_file_name_as_a1111_does(tmp_path):
+    save(tmp_path, "00003-a.png", np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "00003-a.txt").write_text("  on a   red sofa \n")  # the sidecar wins over the name
+    save(tmp_path, "00012-on_the-beach.at night.png", np.zeros((64, 64, 3), np.uint8))
+    save(tmp_path, "7.png", np.zeros((64, 64, 3), np.uint8))  # only a number: no words
+    save(tmp_path, "quiet_room.png", np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "quiet_room.txt").write_text("")  # an empty sidecar is an empty caption, as in A1111
     images = load_images(tmp_path)
-    assert [im.caption for im in images] == ["on a red sofa", ""]
+    assert [(im.caption, im.caption_from) for im in images] == [
+        ("on a red sofa", "txt"), ("on the beach.at night", "name"), ("", ""), ("", "txt")]
     data = TrainingData(images, 64, ["a photo of [name], [filewords]"], "<cat>")
     data.encode(FakeSD())
-    prompts = {data.sample(i)[1] for i in range(4)}
-    assert prompts == {"a photo of <cat>, on a red sofa", "a photo of <cat>"}
+    prompts = {data.sample(i)[1] for i in range(16)}
+    assert prompts == {"a photo of <cat>, on a red sofa", "a photo of <cat>, on the beach.at night", "a photo of <cat>"}
 
 
 def test_resize_short_side_then_center_crop_keeps_the_middle(tmp_path):
@@ -128,7 +132,8 @@ def test_resize_short_side_then_center_crop_keeps_the_middle(tmp_path):
     save(tmp_path, "wide.png", arr)
     data = TrainingData(load_images(tmp_path), 64, ["[name]"], "<t>")
     data.encode(FakeSD())
-    assert data.latents.shape == (1, 4, 8, 8) and data.latents.min() > 0.95  # the white middle, in [-1,1]
+    assert len(data.latents) == 1 and data.latents[0].shape == (4, 8, 8)
+    assert data.latents[0].min() > 0.95  # the white middle, in [-1,1]
 
 
 def test_flip_and_random_crops_cache_one_latent_per_variant(tmp_path):
@@ -138,7 +143,7 @@ def test_flip_and_random_crops_cache_one_latent_per_variant(tmp_path):
     fake = FakeSD()
     data = TrainingData(load_images(tmp_path), 64, ["[name]"], "<t>", crop="random", random_crops=3, flip=True)
     data.encode(fake, batch_size=2)
-    assert len(data.variants) == 6 and data.latents.shape[0] == 6 and fake.calls == 3
+    assert len(data.variants) == 6 and len(data.latents) == 6 and fake.calls == 3
     flipped = [v for v in data.variants if v.flip]
     assert len(flipped) == 3
     a = data.variants.index(flipped[0])
@@ -152,7 +157,7 @@ def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
         data = TrainingData(load_images(tmp_path), 64, ["[name]"], "<t>")
     assert "tiny.png" in caplog.text and "upscaled" in caplog.text
     data.encode(FakeSD())
-    assert data.latents.shape == (1, 4, 8, 8)
+    assert [z.shape for z in data.latents] == [(4, 8, 8)]
 
 
 def test_batches_depend_only_on_seed_and_index_and_cover_each_epoch(tmp_path):
@@ -180,10 +185,10 @@ def test_latent_sampling_sample_is_seeded(tmp_path):
     for _ in range(2):
         d = TrainingData(images, 64, ["[name]"], "<t>", seed=5)
         d.encode(FakeSD(), latent_sampling="sample")
-        runs.append(d.latents)
+        runs.append(torch.stack(d.latents))
     mean = TrainingData(images, 64, ["[name]"], "<t>", seed=5)
     mean.encode(FakeSD())
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], mean.latents)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], torch.stack(mean.latents))
 
 
 def test_template_files_need_name_and_builtins_are_our_own(tmp_path):

@@ -139,7 +139,8 @@ def test_concepts_file_trains_each_concept_into_its_folder_and_resumes_as_one_ru
     assert "2 concepts trained together" in capsys.readouterr().out
     for folder, name in (("ch", "ch"), ("green", "cq")):
         assert {p.name for p in (out / folder).iterdir()} == {f"{name}.safetensors", f"{name}.pt", "config.json",
-                                                              "learned_embeds.safetensors", "loss.jsonl", "state.pt"}
+                                                              "learned_embeds.safetensors", "loss.jsonl", "state.pt",
+                                                              "report.html"}
     assert load_embedding(out / "green" / "cq.pt").n_vectors == 2
     assert json.loads((out / "green" / "config.json").read_text())["config"]["lr"] == 0.02
     # --resume of the run's folder continues every concept, settings from their config.json

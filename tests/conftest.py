@@ -48,3 +48,29 @@ def tiny_sd():
     import minti
 
     return minti.load(TINY_MODEL, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture
+def sdxl_conditioning_seen(monkeypatch):
+    """watch(sd) -> (calls, variants): every (original_size, crop, target_size) an SDXL model's
+    size conditioning receives while training, and the data variants the batches drew, in order."""
+    from minti.training.data import TrainingData
+
+    def watch(sd):
+        calls, variants = [], []
+        real_vector, real_batch = sd.sdxl_vector, TrainingData.batch
+
+        def spy_vector(pooled, original_size, crop=(0, 0), target_size=None):
+            calls.append((tuple(original_size), tuple(crop), tuple(target_size)))
+            return real_vector(pooled, original_size, crop, target_size)
+
+        def spy_batch(self, first, size):
+            out = real_batch(self, first, size)
+            variants.extend(out[3])
+            return out
+
+        monkeypatch.setattr(sd, "sdxl_vector", spy_vector)
+        monkeypatch.setattr(TrainingData, "batch", spy_batch)
+        return calls, variants
+
+    return watch

@@ -92,22 +92,10 @@ def test_preserve_keeps_every_vector_at_the_median_norm_and_max_norm_bounds_it(s
     assert (bound.vectors[0].norm(dim=1) <= 0.5 * median * (1 + 1e-5)).all()
 
 
-def test_sdxl_size_conditioning_gets_each_samples_bucket_and_original_size(tmp_path_factory, images, monkeypatch):
+def test_sdxl_size_conditioning_gets_each_samples_bucket_and_original_size(tmp_path_factory, images,
+                                                                           sdxl_conditioning_seen):
     sd = minti.load(make_single_file(tmp_path_factory.mktemp("xl"), "sdxl"), dtype=torch.float32, device="cpu")
-    calls, variants = [], []
-    real_vector, real_batch = sd.sdxl_vector, TrainingData.batch
-
-    def spy_vector(pooled, original_size, crop=(0, 0), target_size=None):
-        calls.append((tuple(original_size), tuple(crop), tuple(target_size)))
-        return real_vector(pooled, original_size, crop, target_size)
-
-    def spy_batch(self, first, size):
-        out = real_batch(self, first, size)
-        variants.extend(out[3])
-        return out
-
-    monkeypatch.setattr(sd, "sdxl_vector", spy_vector)
-    monkeypatch.setattr(TrainingData, "batch", spy_batch)
+    calls, variants = sdxl_conditioning_seen(sd)
     train(sd, cfg(images, token="<xb>", steps=4, buckets=None))  # None: on, because SDXL
     sizes = {(140, 130): (128, 128), (128, 128): (128, 128), (260, 130): (192, 64), (128, 256): (64, 192)}
     assert len(calls) == len(variants) == 8

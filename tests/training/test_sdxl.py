@@ -12,7 +12,6 @@ from checkpoints import diffusers_models, make_diffusers_folder, make_single_fil
 from minti import sampling
 from minti.errors import UserError
 from minti.training.config import TrainConfig
-from minti.training.data import TrainingData
 from minti.training.embedding import Embedding
 from minti.training.trainer import initial_vectors, token_table, train, training_resolution
 
@@ -75,22 +74,9 @@ def test_each_text_encoder_starts_from_the_init_words_in_its_own_token_table(xl)
     assert not torch.equal(vectors[0], vectors[1])  # CLIP-L's rows are not bigG's
 
 
-def test_time_ids_come_from_each_images_original_size_and_crop(xl_file, images, monkeypatch):
+def test_time_ids_come_from_each_images_original_size_and_crop(xl_file, images, sdxl_conditioning_seen):
     sd = load(xl_file)
-    calls, batches = [], []
-    real_vector, real_batch = sd.sdxl_vector, TrainingData.batch
-
-    def spy_vector(pooled, original_size, crop=(0, 0), target_size=None):
-        calls.append((tuple(original_size), tuple(crop), tuple(target_size)))
-        return real_vector(pooled, original_size, crop, target_size)
-
-    def spy_batch(self, first, size):
-        out = real_batch(self, first, size)
-        batches.extend(out[3])
-        return out
-
-    monkeypatch.setattr(sd, "sdxl_vector", spy_vector)
-    monkeypatch.setattr(TrainingData, "batch", spy_batch)
+    calls, batches = sdxl_conditioning_seen(sd)
     train(sd, cfg(images, token="<ids>", steps=3, batch_size=2, crop="random", random_crops=2, flip=True))
     assert len(calls) == len(batches) == 6
     # what the images are: (96, 80) resized to 76x64 (tall: top varies), (72, 144) to 64x128 (wide)

@@ -59,7 +59,7 @@ def _time(fn, q, k, v, do, backward: bool) -> float | None:
         out = fn(q, k, v)
         if backward:
             out.backward(do)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # ValueError: no Triton config measured for this head dim
         return None
     if backward:
         def step():

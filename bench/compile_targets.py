@@ -4,18 +4,24 @@ For each target (sm_75 ... sm_120), dtype (fp16, bf16 where the target has it, f
 launch site of the SD 1.5 / 2.1 / XL UNet and text encoders (attention, GroupNorm+SiLU,
 GEGLU), every config the launcher or the autotuner can pick on that target (the config
 lists after minti.kernels' per-device pruning) is compiled ahead of time with
-triton.compile(..., target=GPUTarget("cuda", cc, 32)); the cubin's registers and spill
-stack come from cuobjdump (shipped inside the triton wheel), its shared memory from the
-compiled metadata, and both are checked against the target's per-block limit.
+triton.compile(..., target=GPUTarget("cuda", cc, 32)). Registers and stack come from
+`cuobjdump --dump-resource-usage` (shipped inside the triton wheel), spills from the SASS
+(`cuobjdump --dump-sass`: every STL/LDL is a register spilled to local memory; those inside
+a loop are counted apart), shared memory from the compiled metadata, checked against the
+target's per-block limit and against the estimate the pruning trusts.
 
     python bench/compile_targets.py                      # the full sweep, the table on stdout
     python bench/compile_targets.py --targets sm_75 --dtypes float16 --kernels attention
     python bench/compile_targets.py --all-configs        # also the configs pruning removes
+    python bench/compile_targets.py --derive --targets sm_86 --dtypes float16   # the register budget
 
 Exit 1 when a selectable config fails to compile, needs more shared memory than its
-target has, or spills; or when a launch site has no selectable config at all.
+target has or than the pruning estimated, or spills inside a loop; or when a launch site has
+no selectable config at all. A spill outside every loop (a few bytes ptxas parks before the
+loops and reads back after them, once per program) is listed as a NOTE.
 Compiles are deduplicated (the same constexprs, argument types and alignment give the
-same binary), and serial: the cost is the CPU's.
+same binary), and serial: the cost is the CPU's. Triton's disk cache keeps the binaries, so
+a second run compiles nothing it compiled before.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -103,7 +110,9 @@ class Result:
     ok: bool
     shared: int = 0
     regs: int = 0
-    spill: int = 0  # bytes of per-thread stack / local memory
+    stack: int = 0  # bytes of per-thread stack frame (cuobjdump STACK), spilled or not
+    spill: int = 0  # bytes of spill stores per thread (STL in the SASS), ptxas's "spill stores"
+    hot_spill: int = 0  # bytes of spill loads and stores inside a loop of the SASS
     error: str = ""
 
 
@@ -124,19 +133,46 @@ def _specialize(fn, args: dict):
     return signature, constexprs, attrs
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
+# One SASS instruction: address, optional predicate, opcode, operands.
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def spills_in_sass(sass: str) -> tuple[int, int]:
+    """(bytes of spill stores, bytes of spill loads and stores inside loops) of one kernel.
+
+    A spill is a store to or load from local memory (STL/LDL); Triton's kernels have no
+    local arrays, so every one is ptxas moving a register out. A loop is the address range
+    between a backward branch and its target; a spill outside every loop (ptxas parks a value
+    computed in the prologue and needed in the epilogue) runs once per program, one inside
+    runs on every block of the loop. Both count as spills for the sweep.
+    """
+    instructions = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_INSTRUCTION.finditer(sass)]
+    loops = []
+    for address, opcode, operands in instructions:
+        target = re.match(r"\s*(0x[0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    stores = hot = 0
+    for address, opcode, _ in instructions:
+        if opcode.startswith(("STL", "LDL")):
+            width = 16 if ".128" in opcode else 8 if ".64" in opcode else 4
+            stores += width if opcode.startswith("STL") else 0
+            hot += width if any(start <= address <= end for start, end in loops) else 0
+    return stores, hot
+
+
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = spill = 0
-    for field in text.split():
-        key, _, value = field.partition(":")
-        if key == "REG":
-            regs = max(regs, int(value))
-        elif key in ("STACK", "LOCAL"):
-            spill = max(spill, int(value))
-    return regs, spill
+        return subprocess.run([CUOBJDUMP, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resources(cubin: bytes) -> dict:
+    usage = dict(field.partition(":")[::2] for field in _cuobjdump(cubin, "--dump-resource-usage").split()
+                 if field.partition(":")[0] in ("REG", "STACK"))
+    spill, hot_spill = spills_in_sass(_cuobjdump(cubin, "--dump-sass"))
+    return dict(regs=int(usage.get("REG", 0)), stack=int(usage.get("STACK", 0)), spill=spill, hot_spill=hot_spill)
 
 
 _CACHE: dict = {}
@@ -151,8 +187,7 @@ def compile_one(fn, args: dict, cc: int, num_warps: int, num_stages: int) -> Res
         try:
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                       options={"num_warps": num_warps, "num_stages": num_stages})
-            regs, spill = _resources(compiled.asm["cubin"])
-            _CACHE[key] = Result(True, compiled.metadata.shared, regs, spill)
+            _CACHE[key] = Result(True, compiled.metadata.shared, **_resources(compiled.asm["cubin"]))
         except Exception as e:  # a compile error is a finding, not a crash of the sweep
             _CACHE[key] = Result(False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
     return _CACHE[key]
@@ -203,10 +238,72 @@ def attention_rows(targets, dtypes, all_configs: bool, head_dims=None, one_per_c
             for site in sites:
                 for name, fn, args, kind in attention_launches(site, dtype):
                     configs = fa.ATTENTION_CONFIGS[kind] if all_configs else fa.usable_configs(kind, site.d, dtype, limits)
-                    configs = configs[-1:] if smallest_only else configs  # the lists end with their smallest
+                    configs = configs[-1:] if smallest_only else configs  # the lists run from large to small
                     estimates = [fa.shared_bytes_estimate(kind, c, site.d, dtype) for c in configs]
                     yield (target, dtype_name, name, f"{site.model} {site.nq}x{site.nk} d{site.d}", fn, args,
                            list(zip(configs, estimates)))
+
+
+SD_HEAD_DIMS = (40, 64, 80, 160)  # SD 1.x: 40, 80, 160; SD 2.x, SDXL and every text encoder: 64
+
+
+def derive(targets, dtypes) -> dict:
+    """WIDEST_CLEAN as measured on these targets: every ATTENTION_CONFIGS candidate compiled at
+    the self-attention site of each SD head dim, narrowest first, until one spills, fails, or
+    needs more shared memory than the target has or than the pruning estimates; a config's entry is the widest head-dim width
+    (summed pieces) reached, 0 for none. Both dK/dV kernels count for "bwd_dkdv". Targets of one
+    class keep the smallest width any of them reached."""
+    sites = {s.d: s for s in shape_classes(attention_sites()) if not s.causal and s.nk != 77}
+    head_dims = sorted(SD_HEAD_DIMS, key=lambda d: sum(fa._head_pieces(d)))
+    table: dict = {}
+    for target, limits in targets.items():
+        cc = limits.capability[0] * 10 + limits.capability[1]
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            if not kernels.dtype_supported(dtype, limits):
+                continue
+            row = table.setdefault(fa.target_class(limits.capability), {}).setdefault(fa._operand_kind(dtype), {})
+            for kind, configs in fa.ATTENTION_CONFIGS.items():
+                for config in configs:
+                    block_m, block_n, warps, stages = config
+                    widest = 0
+                    for d in head_dims:
+                        estimate = fa.shared_bytes_estimate(kind, config, d, dtype)
+                        if estimate > limits.shared_bytes:
+                            break
+                        results = [compile_one(fn, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n}, cc, warps, stages)
+                                   for _, fn, args, k in attention_launches(sites[d], dtype) if k == kind]
+                        if not all(r.ok and not r.spill and r.shared <= estimate for r in results):
+                            break
+                        widest = sum(fa._head_pieces(d))
+                    widths = row.setdefault(kind, {})
+                    widths[config] = min(widest, widths.get(config, widest))
+                    print(f"{target} {dtype_name} {kind} {config}: widest clean {widest}", file=sys.stderr, flush=True)
+    return table
+
+
+def format_table(table: dict) -> str:
+    """WIDEST_CLEAN's source text, configs in ATTENTION_CONFIGS order, those that reached no width left out."""
+    lines = ["WIDEST_CLEAN = {"]
+    for cls, operands in table.items():
+        lines.append(f'    "{cls}": {{')
+        for operand, kinds in operands.items():
+            lines.append(f'        "{operand}": {{')
+            for kind, widths in kinds.items():
+                line = f'            "{kind}": {{'
+                indent = " " * len(line)
+                entries = [f"{c}: {w}" for c, w in widths.items() if w]
+                for i, entry in enumerate(entries):
+                    piece = entry + (", " if i < len(entries) - 1 else "},")
+                    if len(line) + len(piece.rstrip()) > 116:
+                        lines.append(line.rstrip())
+                        line = indent
+                    line += piece
+                lines.append(line if entries else line + "},")
+            lines.append("        },")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def small_kernel_rows(targets, dtypes, one_size: bool = False):
@@ -249,14 +346,19 @@ def small_kernel_rows(targets, dtypes, one_size: bool = False):
 
 def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: bool = False, head_dims=None,
           one_per_class: bool = False, smallest_only: bool = False, one_size: bool = False):
-    """Per (target, dtype, kernel): counts, worst shared / registers / spill, and the failures."""
+    """Per (target, dtype, kernel): counts, worst shared / registers / spill, and the failures.
+    kernel_names: "attention", "small", or single kernels by their row name (attn_fwd, gn_fwd, ...)."""
+    groups = {"attention", "small"}
+    singles = set(kernel_names) - groups
     rows = []
-    if "attention" in kernel_names:
+    if "attention" in kernel_names or any(n.startswith("attn_") for n in singles):
         rows += list(attention_rows(targets, dtypes, all_configs, head_dims, one_per_class, smallest_only))
-    if "small" in kernel_names:
+    if "small" in kernel_names or any(not n.startswith("attn_") for n in singles):
         rows += list(small_kernel_rows(targets, dtypes, one_size))
-    stats = defaultdict(lambda: dict(configs=0, failed=0, over=0, spilled=0, shared=0, regs=0, spill=0))
-    problems = []
+    if not groups & set(kernel_names):
+        rows = [row for row in rows if row[2] in singles]
+    stats = defaultdict(lambda: dict(configs=0, failed=0, over=0, hot=0, cold=0, shared=0, regs=0, spill=0))
+    problems, notes = [], []
     for target, dtype_name, name, shape, fn, args, configs in rows:
         limits = kernels.TARGET_LIMITS[target]
         s = stats[(target, dtype_name, name)]
@@ -277,21 +379,26 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
                 problems.append(f"{where}: shared {r.shared} > {limits.shared_bytes}")
             if estimate is not None and r.shared > estimate:  # pruning trusts the estimate
                 problems.append(f"{where}: shared {r.shared} above the pruning estimate {estimate}")
-            if r.spill:
-                s["spilled"] += 1
-                problems.append(f"{where}: spills {r.spill} bytes per thread")
+            if r.hot_spill:  # spill traffic on every block of a loop
+                s["hot"] += 1
+                problems.append(f"{where}: spills {r.spill} bytes per thread, {r.hot_spill} bytes moved in its loops")
+            elif r.spill:  # parked once per program, before the loops and read back after
+                s["cold"] += 1
+                notes.append(f"{where}: {r.spill} bytes spilled outside its loops")
             if verbose:
-                print(f"{where}: shared {r.shared}, regs {r.regs}, spill {r.spill}", flush=True)
-    return stats, problems
+                print(f"{where}: shared {r.shared}, regs {r.regs}, stack {r.stack}, spill {r.spill} "
+                      f"({r.hot_spill} in loops)", flush=True)
+    return stats, problems, notes
 
 
 def table(stats) -> str:
-    lines = ["| target | dtype | kernel | configs | failed | over shared limit | spill | max shared (limit) | max regs | max spill B |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | dtype | kernel | configs | failed | over shared limit | spill in a loop | spill outside loops "
+             "| max shared (limit) | max regs | max spill B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (target, dtype_name, name), s in sorted(stats.items()):
         limit = kernels.TARGET_LIMITS[target].shared_bytes
-        lines.append(f"| {target} | {dtype_name} | {name} | {s['configs']} | {s['failed']} | {s['over']} | {s['spilled']} | "
-                     f"{s['shared'] // 1024} KiB ({limit // 1024}) | {s['regs']} | {s['spill']} |")
+        lines.append(f"| {target} | {dtype_name} | {name} | {s['configs']} | {s['failed']} | {s['over']} | {s['hot']} | "
+                     f"{s['cold']} | {s['shared'] // 1024} KiB ({limit // 1024}) | {s['regs']} | {s['spill']} |")
     return "\n".join(lines)
 
 
@@ -299,24 +406,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=",".join(kernels.TARGET_LIMITS), help="comma-separated, e.g. sm_75,sm_86")
     p.add_argument("--dtypes", default=",".join(DTYPES))
-    p.add_argument("--kernels", default="attention,small", help="attention, small (GroupNorm+SiLU and GEGLU)")
+    p.add_argument("--kernels", default="attention,small",
+                   help="attention, small (GroupNorm+SiLU and GEGLU), or kernels by name (attn_fwd, geglu_bwd, ...)")
     p.add_argument("--all-configs", action="store_true", help="compile every listed config, not only the selectable")
     p.add_argument("--verbose", action="store_true", help="one line per compile")
     p.add_argument("--head-dims", help="attention head dims only, e.g. 160 or 40,80")
     p.add_argument("--one-per-class", action="store_true",
                    help="one attention site per (head dim, causal, self/cross) instead of every site")
     p.add_argument("--smallest-only", action="store_true",
-                   help="only the smallest selectable attention config per site (the one every device keeps)")
+                   help="only the last (smallest) selectable attention config per site")
     p.add_argument("--one-size", action="store_true", help="GroupNorm+SiLU and GEGLU at one size each")
+    p.add_argument("--derive", action="store_true",
+                   help="measure the register budget instead: print WIDEST_CLEAN for --targets and --dtypes")
     args = p.parse_args(argv)
     targets = {t: kernels.TARGET_LIMITS[t] for t in args.targets.split(",")}
+    if args.derive:
+        print(format_table(derive(targets, args.dtypes.split(","))))
+        return 0
     head_dims = {int(d) for d in args.head_dims.split(",")} if args.head_dims else None
     start = time.time()
-    stats, problems = sweep(targets, args.dtypes.split(","), args.kernels.split(","), args.all_configs, args.verbose,
+    stats, problems, notes = sweep(targets, args.dtypes.split(","), args.kernels.split(","), args.all_configs, args.verbose,
                             head_dims, args.one_per_class, args.smallest_only, args.one_size)
     print(f"triton {triton.__version__}, torch {torch.__version__}, {len(_CACHE)} distinct compiles in "
           f"{time.time() - start:.0f} s")
     print(table(stats))
+    for line in notes:
+        print("NOTE", line)
     for line in problems:
         print("PROBLEM", line)
     return 1 if problems else 0

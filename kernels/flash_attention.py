@@ -167,18 +167,101 @@ def _chunked_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may time on a GPU, per kernel:
 # "fwd" (_attn_fwd), "bwd_dkdv" (_attn_bwd_dkdv, with or without atomic dQ), "bwd_dq"
-# (_attn_bwd_dq). usable_configs keeps those that fit the running GPU. Each list ends with its
-# smallest config, there so that every head dim keeps one that fits 64 KiB (sm_75) in fp32
-# and does not spill registers on sm_75 (which stages loads through registers: 8 warps
-# spread the 160-wide tiles thinner than 4).
+# (_attn_bwd_dq), larger blocks first. usable_configs keeps the first MAX_TUNED_CONFIGS of
+# them that fit the running GPU's shared memory and its register budget (WIDEST_CLEAN).
 ATTENTION_CONFIGS = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-            (32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 8, 1)],
-    "bwd_dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
-                 (16, 16, 8, 1)],
-    "bwd_dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
-               (16, 16, 8, 1)],
+    "fwd": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 8, 1),
+            (16, 16, 4, 1)],
+    "bwd_dkdv": [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 32, 8, 1), (16, 16, 8, 1),
+                 (16, 16, 4, 2)],
+    "bwd_dq": [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1)],
 }
+MAX_TUNED_CONFIGS = 3  # each one more is tuned at the first step and compiled by the sweep on every target
+
+# The register budget, as compiled: per target class, operand kind ("half" for fp16/bf16
+# tensor-core dots, "fp32" for exact fp32 dots on CUDA cores) and kernel, the widest head dim
+# (the summed width of its pieces, _head_pieces) at which each config compiled without a single
+# register spill, every SD head dim up to it included. ptxas's spills follow no per-thread
+# register count closely enough to be predicted (a config can spill at head dim 40 and not at
+# 64, and sm_75 spills where sm_86 uses half its registers), so the budget is what
+# `bench/compile_targets.py --derive` measured at the self-attention sites on sm_75, sm_86, sm_90
+# and sm_120. A config missing from a class spilled, or did not fit, at SD 1.x's narrowest head
+# dim there (or was not tried: the forward's 16x16 4-warp config, added for fp32 on sm_8x and
+# sm_120 only). The full sweep then compiled what this table lets through at more sites and
+# targets; where it found a spill inside a loop the entry was lowered by hand, all in fp32
+# cross-attention: the forward's 16x32 at head dim 160 on sm_8x and sm_90, sm_8x's forward 64x32
+# and sm_90's dK/dV 64x64 and 32x64 at head dim 40.
+# Results and coverage: bench/RESULTS.md.
+WIDEST_CLEAN = {
+    "sm_75": {
+        "half": {
+            "fwd": {(64, 32, 4, 2): 48, (16, 32, 4, 1): 160, (16, 16, 8, 1): 160},
+            "bwd_dkdv": {(32, 32, 4, 2): 48, (16, 16, 8, 1): 160, (16, 16, 4, 2): 80},
+            "bwd_dq": {(32, 32, 4, 2): 48, (16, 16, 8, 1): 160},
+        },
+        "fp32": {
+            "fwd": {(64, 32, 4, 2): 48, (32, 32, 4, 2): 64, (16, 32, 4, 1): 80, (16, 16, 8, 1): 160},
+            "bwd_dkdv": {(32, 32, 4, 2): 48, (16, 32, 4, 2): 80, (16, 32, 8, 1): 64, (16, 16, 8, 1): 160},
+            "bwd_dq": {(32, 32, 4, 2): 48, (16, 16, 8, 1): 160},
+        },
+    },
+    "sm_8x": {
+        "half": {
+            "fwd": {(128, 64, 8, 3): 64, (128, 32, 4, 3): 80, (64, 32, 4, 2): 160, (32, 32, 4, 2): 160,
+                    (16, 32, 4, 1): 160, (16, 16, 8, 1): 160},
+            "bwd_dkdv": {(32, 64, 4, 2): 80, (32, 32, 4, 2): 80, (16, 32, 4, 2): 160, (16, 32, 8, 1): 80,
+                         (16, 16, 8, 1): 160, (16, 16, 4, 2): 160},
+            "bwd_dq": {(128, 32, 8, 2): 80, (64, 64, 8, 2): 80, (64, 32, 4, 2): 80, (32, 32, 4, 2): 160,
+                       (16, 16, 8, 1): 160},
+        },
+        "fp32": {
+            "fwd": {(32, 32, 4, 2): 80, (16, 32, 4, 1): 80, (16, 16, 8, 1): 80, (16, 16, 4, 1): 160},
+            "bwd_dkdv": {(16, 32, 4, 2): 80, (16, 16, 8, 1): 160, (16, 16, 4, 2): 160},
+            "bwd_dq": {(32, 32, 4, 2): 80, (16, 16, 8, 1): 160},
+        },
+    },
+    "sm_90": {
+        "half": {
+            "fwd": {(128, 64, 8, 3): 160, (128, 32, 4, 3): 80, (64, 32, 4, 2): 160, (32, 32, 4, 2): 160,
+                    (16, 32, 4, 1): 160, (16, 16, 8, 1): 160},
+            "bwd_dkdv": {(64, 64, 8, 2): 80, (32, 64, 4, 2): 64, (16, 32, 4, 2): 160, (16, 32, 8, 1): 160,
+                         (16, 16, 8, 1): 160, (16, 16, 4, 2): 160},
+            "bwd_dq": {(128, 32, 8, 2): 160, (64, 64, 8, 2): 160, (64, 32, 4, 2): 160, (32, 32, 4, 2): 160,
+                       (16, 16, 8, 1): 160},
+        },
+        "fp32": {
+            "fwd": {(32, 32, 4, 2): 80, (16, 32, 4, 1): 80, (16, 16, 8, 1): 160},
+            "bwd_dkdv": {(16, 32, 4, 2): 80, (16, 32, 8, 1): 64, (16, 16, 8, 1): 80, (16, 16, 4, 2): 160},
+            "bwd_dq": {(128, 32, 8, 2): 48, (64, 64, 8, 2): 48, (32, 32, 4, 2): 80, (16, 16, 8, 1): 160},
+        },
+    },
+    "sm_120": {
+        "half": {
+            "fwd": {(128, 64, 8, 3): 64, (128, 32, 4, 3): 48, (64, 32, 4, 2): 160, (32, 32, 4, 2): 160,
+                    (16, 32, 4, 1): 160, (16, 16, 8, 1): 160},
+            "bwd_dkdv": {(16, 32, 4, 2): 160, (16, 32, 8, 1): 80, (16, 16, 8, 1): 160, (16, 16, 4, 2): 160},
+            "bwd_dq": {(128, 32, 8, 2): 80, (64, 64, 8, 2): 80, (32, 32, 4, 2): 160, (16, 16, 8, 1): 160},
+        },
+        "fp32": {
+            "fwd": {(32, 32, 4, 2): 80, (16, 32, 4, 1): 160, (16, 16, 8, 1): 48, (16, 16, 4, 1): 160},
+            "bwd_dkdv": {(32, 32, 4, 2): 64, (16, 32, 4, 2): 64, (16, 32, 8, 1): 160, (16, 16, 8, 1): 48},
+            "bwd_dq": {(32, 32, 4, 2): 80, (16, 16, 8, 1): 160},
+        },
+    },
+}
+
+
+def target_class(capability: tuple[int, int]) -> str:
+    """The WIDEST_CLEAN row of a compute capability: Turing, Ampere/Ada, Hopper, Blackwell."""
+    if capability < (8, 0):
+        return "sm_75"
+    if capability < (9, 0):
+        return "sm_8x"
+    return "sm_90" if capability < (10, 0) else "sm_120"
+
+
+def _operand_kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
 
 
 def _element_bytes(dtype: torch.dtype) -> int:
@@ -204,11 +287,16 @@ def shared_bytes_estimate(kind: str, config: tuple[int, int, int, int], d: int, 
 
 def usable_configs(kind: str, d: int, dtype: torch.dtype, limits: "_k.DeviceLimits") -> list[tuple[int, int, int, int]]:
     """The configs of ATTENTION_CONFIGS[kind] the autotuner may try on a device with these
-    limits at head dim d: those whose shared memory fits. A pure function, tested with
-    made-up devices; empty where Triton cannot run in dtype at all."""
+    limits at head dim d: the first MAX_TUNED_CONFIGS whose shared memory fits and that compiled
+    without spilling at this head dim's width on this class of GPU (WIDEST_CLEAN). A pure
+    function, tested with made-up devices; empty where Triton cannot run in dtype at all."""
     if not _k.dtype_supported(dtype, limits):
         return []
-    return [c for c in ATTENTION_CONFIGS[kind] if shared_bytes_estimate(kind, c, d, dtype) <= limits.shared_bytes]
+    width = sum(_head_pieces(d))
+    widest = WIDEST_CLEAN[target_class(limits.capability)][_operand_kind(dtype)][kind]
+    usable = [c for c in ATTENTION_CONFIGS[kind]
+              if widest.get(c, 0) >= width and shared_bytes_estimate(kind, c, d, dtype) <= limits.shared_bytes]
+    return usable[:MAX_TUNED_CONFIGS]
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -697,6 +785,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def has_configs(d: int, dtype: torch.dtype, limits: "_k.DeviceLimits | None") -> bool:
+    """Every attention kernel keeps a config for head dim d on this device (None: the CPU,
+    where the interpreter runs fixed blocks). False past the widest head dim the register
+    budget was measured at (160) and where dtype has no Triton kernels on the device."""
+    return limits is None or all(usable_configs(kind, d, dtype, limits) for kind in ATTENTION_CONFIGS)
+
+
 def _use_triton(backend: str, q: torch.Tensor) -> bool:
     chosen = _k.resolve_backend(backend, q, triton is not None, _INTERPRET)
     supported = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
@@ -705,6 +800,12 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
             return False
         raise ValueError(f"flash_attention Triton path supports fp16/bf16/fp32 and head dim <= 256, "
                          f"got {q.dtype} and {q.shape[-1]}")
+    if chosen == "triton" and q.is_cuda and not _INTERPRET and not has_configs(q.shape[-1], q.dtype,
+                                                                               _k.device_limits(q.device)):
+        if backend == "auto":  # a head dim past what the register budget measured
+            return False
+        raise ValueError(f"flash_attention has no Triton config measured for head dim {q.shape[-1]} in {q.dtype} "
+                         f"on this GPU (see bench/compile_targets.py); use backend='auto' or 'torch'")
     return chosen == "triton"
 
 

@@ -18,24 +18,61 @@ KINDS = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
 @pytest.mark.parametrize("limits", list(kernels.TARGET_LIMITS.values()), ids=list(kernels.TARGET_LIMITS))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_every_kernel_keeps_a_config_that_fits_at_every_sd_head_dim(limits, dtype):
+    if not kernels.dtype_supported(dtype, limits):
+        pytest.skip("no bf16 kernels on this target")
+    widest = fa.WIDEST_CLEAN[fa.target_class(limits.capability)]["fp32" if dtype == torch.float32 else "half"]
     for kind in KINDS:
         for d in SD_HEAD_DIMS:
             usable = fa.usable_configs(kind, d, dtype, limits)
-            assert usable, f"{kind} d{d} {dtype} on sm_{limits.capability}: nothing fits"
+            assert 1 <= len(usable) <= fa.MAX_TUNED_CONFIGS, f"{kind} d{d} {dtype} on sm_{limits.capability}"
             assert all(fa.shared_bytes_estimate(kind, c, d, dtype) <= limits.shared_bytes for c in usable)
-            assert set(usable) <= set(fa.ATTENTION_CONFIGS[kind])
+            assert all(widest[kind][c] >= sum(fa._head_pieces(d)) for c in usable)
+            order = fa.ATTENTION_CONFIGS[kind]
+            assert [order.index(c) for c in usable] == sorted(order.index(c) for c in usable)
 
 
-def test_a_smaller_shared_memory_keeps_a_subset_of_the_configs():
-    for kind in KINDS:
-        for d in SD_HEAD_DIMS:
-            sm75 = fa.usable_configs(kind, d, torch.float16, SM75)
-            sm86 = fa.usable_configs(kind, d, torch.float16, SM86)
-            assert set(sm75) <= set(sm86)
-    # head dim 160 in fp32 is where the 64 KiB of sm_75 bites: some configs must go there
-    assert len(fa.usable_configs("bwd_dkdv", 160, torch.float32, SM75)) < len(fa.ATTENTION_CONFIGS["bwd_dkdv"])
+def test_the_register_budget_table_names_only_listed_configs_for_every_class():
+    for cls in ("sm_75", "sm_8x", "sm_90", "sm_120"):
+        for operand in ("half", "fp32"):
+            for kind in KINDS:
+                assert set(fa.WIDEST_CLEAN[cls][operand][kind]) <= set(fa.ATTENTION_CONFIGS[kind])
+
+
+@pytest.mark.parametrize("capability,cls", [((7, 5), "sm_75"), ((8, 0), "sm_8x"), ((8, 6), "sm_8x"), ((8, 9), "sm_8x"),
+                                            ((9, 0), "sm_90"), ((12, 0), "sm_120")])
+def test_each_compute_capability_reads_its_own_class_of_the_register_budget(capability, cls):
+    assert fa.target_class(capability) == cls
+
+
+def test_the_register_budget_drops_configs_wider_than_they_compiled_clean(monkeypatch):
+    # A made-up budget on a made-up Ampere with shared memory to spare: only the budget prunes.
+    configs = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1)]
+    budget = {(128, 64, 8, 3): 160, (64, 32, 4, 2): 64, (32, 32, 4, 2): 80, (16, 16, 8, 1): 160}  # 64x64 spilled
+    monkeypatch.setattr(fa, "ATTENTION_CONFIGS", {"fwd": configs})
+    monkeypatch.setattr(fa, "WIDEST_CLEAN", {"sm_8x": {"half": {"fwd": budget}}})
+    roomy = kernels.DeviceLimits((8, 6), 1 << 30)
+    assert fa.usable_configs("fwd", 40, torch.float16, roomy) == [(128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    assert fa.usable_configs("fwd", 64, torch.bfloat16, roomy) == [(128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    assert fa.usable_configs("fwd", 80, torch.float16, roomy) == [(128, 64, 8, 3), (32, 32, 4, 2), (16, 16, 8, 1)]
+    assert fa.usable_configs("fwd", 160, torch.float16, roomy) == [(128, 64, 8, 3), (16, 16, 8, 1)]
+    # the same budget with sm_86's shared memory: at 160 the 128x64 blocks no longer fit
+    assert fa.usable_configs("fwd", 160, torch.float16, SM86) == [(16, 16, 8, 1)]
+    with pytest.raises(KeyError):  # fp32 reads its own budget, which this made-up table lacks
+        fa.usable_configs("fwd", 64, torch.float32, roomy)
+
+
+def test_a_config_that_spilled_on_one_class_of_gpu_stays_usable_on_another():
+    # The real budget: the forward's 128x64 8-warp blocks spilled on sm_75 (at every head dim)
+    # and past head dim 64 on sm_86, not on sm_90; sm_75 keeps only small blocks.
+    big = (128, 64, 8, 3)
+    sm90 = kernels.TARGET_LIMITS["sm_90"]
+    assert big in fa.usable_configs("fwd", 64, torch.float16, sm90)
+    assert big in fa.usable_configs("fwd", 64, torch.float16, SM86)
+    assert big not in fa.usable_configs("fwd", 80, torch.float16, kernels.DeviceLimits((8, 0), 163 * 1024))
+    assert big not in fa.usable_configs("fwd", 64, torch.float16, kernels.DeviceLimits((7, 5), 1 << 30))
+    assert all(m * n <= 64 * 32 for m, n, _, _ in fa.usable_configs("fwd", 40, torch.float16, SM75))
 
 
 def test_no_config_on_devices_triton_cannot_target_or_bf16_without_bf16():
@@ -83,3 +120,10 @@ def test_describe_backends_says_why_on_the_cpu_and_names_a_failed_op(monkeypatch
     monkeypatch.setattr(kernels, "FAILED_OPS", {"geglu": "OutOfResources: shared"})
     line = kernels.describe_backends("cuda", torch.float16)
     assert "attention triton" in line and "geglu torch (its Triton launch failed: OutOfResources" in line
+
+
+def test_head_dims_past_the_measured_budget_have_no_config_so_auto_takes_the_torch_path():
+    assert fa.has_configs(160, torch.float16, SM86) and fa.has_configs(64, torch.float32, SM75)
+    assert not fa.has_configs(256, torch.float16, SM86)  # 256 wide: past the widest head dim measured
+    assert not fa.has_configs(64, torch.bfloat16, SM75)
+    assert fa.has_configs(256, torch.float16, None)  # the CPU: the interpreter runs fixed blocks

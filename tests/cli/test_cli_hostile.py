@@ -528,5 +528,5 @@ def test_overwrite_clears_the_earlier_runs_files_and_nothing_else(tiny, images, 
     rc, _, _ = cli(capsys, train_args(tiny, images, out, "--overwrite"))
     assert rc == 0
     assert set(snapshot(out)) == {"config.json", "state.pt", "loss.jsonl", "x.pt", "x.safetensors",
-                                  "learned_embeds.safetensors", "notes.txt", "old-final.safetensors"}
+                                  "learned_embeds.safetensors", "report.html", "notes.txt", "old-final.safetensors"}
     assert (out / "notes.txt").read_text() == "mine"

@@ -16,14 +16,15 @@ tile padded with zeros (_head_pieces).
 The entry point is a torch custom op (forward and backward are separate ops with fake
 implementations) so the models trace on the meta device and under torch.compile.
 
-This file holds, in order: the float64-friendly reference, the torch path (torch's CPU
-flash attention ops on the CPU, query chunks elsewhere), the Triton kernels, the launchers,
+This file holds, in order: the float64-friendly reference, the torch path (aten's fused
+attention ops on the CPU and CUDA, query chunks elsewhere), the Triton kernels, the launchers,
 the custom ops and the public `flash_attention`.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 
@@ -54,19 +55,48 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 # ----------------------------------------------------------------------------- torch path
 
-# On the CPU the torch path calls aten's CPU flash attention, forward (out, lse) and backward
-# from (out, lse): one op each way, the same five saved tensors as the Triton path, no N x N
-# tensor. Elsewhere (CUDA without Triton, MPS) it runs query chunks of matmuls, at most
-# TORCH_CHUNK_ELEMENTS scores at a time: torch's public SDPA returns no lse to save, and its
-# backward on some devices holds the N x N probabilities.
+# The torch path calls one fused aten op each way that returns (and takes back) the per-row
+# lse, so it saves the same five tensors as the Triton path and never holds N x N:
+# - "cpu": aten's CPU flash attention;
+# - "efficient" (CUDA without Triton, or a head dim Triton has no config for): aten's
+#   memory-efficient attention (the kernel behind SDPA's EFFICIENT_ATTENTION backend);
+# - "chunked" everywhere else (MPS, float64 on CUDA, head dims the fused CUDA kernels do
+#   not align to): query chunks of matmuls, at most TORCH_CHUNK_ELEMENTS scores at a time.
+#   MPS's SDPA returns no lse and its backward keeps the N x N probabilities.
+# SDPA's CUDA flash backend is not used: it takes only fp16/bf16, and the efficient kernel
+# covers every dtype the models run in.
+EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _torch_path(q: torch.Tensor) -> str:
-    return "cpu" if q.device.type == "cpu" else "chunked"
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type == "cuda" and q.dtype in EFFICIENT_DTYPES and q.shape[-1] % 8 == 0 and not EFFICIENT_FAILED:
+        return "efficient"
+    return "chunked"
+
+
+# The first error of the efficient kernels (no kernel for this GPU and dtype, e.g. bf16
+# before sm_80, or a build without them): every later call takes the chunked path.
+EFFICIENT_FAILED: list[str] = []
+
+
+def _efficient_or_chunked(efficient_call, chunked_call):
+    try:
+        return efficient_call()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        EFFICIENT_FAILED.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        warnings.warn(f"minti: torch's memory-efficient attention cannot run here ({EFFICIENT_FAILED[0]}); "
+                      f"the torch attention path takes query chunks from now on", RuntimeWarning, stacklevel=3)
+        return chunked_call()
 
 
 def _unit_stride_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # aten's CPU flash attention reads each row of D values as contiguous memory: a tensor whose
-    # last dim is strided (the VAE's [B,C,HW] -> [B,1,HW,C] transpose) must be copied first, or
-    # it reads the wrong elements.
+    # aten's fused attention ops read each row of D values as contiguous memory: a tensor
+    # whose last dim is strided (the VAE's [B,C,HW] -> [B,1,HW,C] transpose) must be copied
+    # first, or the CPU op reads the wrong elements.
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
@@ -75,7 +105,7 @@ def _token_major_output(shape, dtype: torch.dtype, device: torch.device) -> torc
 
     The models' projections produce and consume [B, N, H*D]; in this layout the merge of the
     heads after attention (and the split of the gradients before the projections' backward)
-    is a view, not a copy per tensor. aten's CPU flash attention returns this layout too."""
+    is a view, not a copy per tensor. aten's fused attention ops return this layout too."""
     b, h, n, d = shape
     return _k.new_output((b, n, h, d), dtype, device).transpose(1, 2)
 
@@ -90,12 +120,15 @@ def _torch_fwd(q, k, v, causal: bool, scale: float):
         q, k, v = _unit_stride_rows(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return _token_major(out), lse.float().contiguous()  # lse comes as a [B, Nq, H] transpose
+    if path == "efficient":
+        return _efficient_or_chunked(lambda: _efficient_fwd(q, k, v, causal, scale),
+                                     lambda: _chunked_fwd(q, k, v, causal, scale))
     return _chunked_fwd(q, k, v, causal, scale)
 
 
 def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     """Gradients from the saved tensors; lse may be the Triton forward's (a fallback), which
-    is the same natural-log lse in fp32 [B, H, Nq] that the "cpu" forward returns."""
+    is the same natural-log lse in fp32 [B, H, Nq] that every torch forward returns."""
     path = _torch_path(q)
     if path == "cpu":
         do, q, k, v, o = _unit_stride_rows(do.to(q.dtype), q, k, v, o)
@@ -103,7 +136,35 @@ def _torch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, causal, scale=scale)
         return tuple(_token_major(g) for g in grads)
+    if path == "efficient":
+        return _efficient_or_chunked(lambda: _efficient_bwd(do, q, k, v, o, lse, causal, scale),
+                                     lambda: _chunked_bwd(do, q, k, v, o, lse, causal, scale))
     return _chunked_bwd(do, q, k, v, o, lse, causal, scale)
+
+
+# The memory-efficient kernel pads its lse to a multiple of this many query rows (+inf past
+# Nq, so those rows' probabilities are 0) and its backward reads the padded rows.
+EFFICIENT_LSE_ROWS = 32
+_efficient_attention = torch.ops.aten._scaled_dot_product_efficient_attention
+_efficient_attention_backward = torch.ops.aten._scaled_dot_product_efficient_attention_backward
+
+
+def _efficient_fwd(q, k, v, causal: bool, scale: float):
+    q, k, v = _unit_stride_rows(q, k, v)
+    out, lse, _, _ = _efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale)
+    # The saved lse is [B, H, Nq] like every path's (the padding comes back in the backward).
+    return _token_major(out), lse[..., :q.shape[2]].contiguous()
+
+
+def _efficient_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    do, q, k, v, o = _unit_stride_rows(do.to(q.dtype), q, k, v, o)
+    nq = q.shape[2]
+    lse = torch.nn.functional.pad(lse.float(), (0, -nq % EFFICIENT_LSE_ROWS), value=float("inf"))
+    no_dropout = q.new_empty((), dtype=torch.int64)  # the philox seed and offset, unread at p = 0
+    dq, dk, dv, _ = _efficient_attention_backward(
+        do, q, k, v, None, o, lse, no_dropout, no_dropout, 0.0, [True, True, True, False], causal, scale=scale)
+    return _token_major(dq), _token_major(dk), _token_major(dv)
 
 
 # Upper bound on B*H*rows*Nk score elements the chunked path holds at once.

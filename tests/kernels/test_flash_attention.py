@@ -343,3 +343,127 @@ def test_torch_path_is_one_fused_op_each_way_on_the_cpu():
     assert "_scaled_dot_product_flash_attention_for_cpu" in fwd_ops.names
     assert "_scaled_dot_product_flash_attention_for_cpu_backward" in bwd_ops.names
     assert fwd_ops.calls <= 4 and bwd_ops.calls <= 8, (fwd_ops.calls, bwd_ops.calls)
+
+
+# ------------------------------------------------------------------ the CUDA torch path (no Triton)
+
+def _cuda_like(dtype, d):
+    return type("Q", (), {"device": torch.device("cuda"), "dtype": dtype, "shape": (1, 8, 64, d)})()
+
+
+def test_cuda_without_triton_takes_memory_efficient_attention_for_every_model_dtype(monkeypatch):
+    monkeypatch.setattr(fa, "EFFICIENT_FAILED", [])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (40, 64, 80, 160, 512):  # SD's head dims, the VAE's 512 included
+            assert fa._torch_path(_cuda_like(dtype, d)) == "efficient"
+    assert fa._torch_path(_cuda_like(torch.float64, 64)) == "chunked"  # no fp64 kernel
+    assert fa._torch_path(_cuda_like(torch.float32, 36)) == "chunked"  # rows the kernel cannot align
+    mps = type("Q", (), {"device": torch.device("mps"), "dtype": torch.float32, "shape": (1, 8, 64, 64)})()
+    assert fa._torch_path(mps) == "chunked"
+
+
+def test_efficient_path_calls_fit_aten_schemas_and_return_the_shared_layouts():
+    # The meta kernels check every argument the CUDA ops take: a wrong order or count fails here.
+    q, do = torch.empty(2, 3, 70, 40, device="meta"), torch.empty(2, 3, 70, 40, device="meta")
+    k = v = torch.empty(2, 77, 3, 40, device="meta").transpose(1, 2)  # cross-attention context
+    out, lse = fa._efficient_fwd(q, k, v, False, 0.2)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    assert lse.shape == (2, 3, 70) and lse.dtype == torch.float32 and lse.is_contiguous()
+    for got, like in zip(fa._efficient_bwd(do, q, k, v, out, lse, True, 0.2), (q, k, v)):
+        assert got.shape == like.shape and got.transpose(1, 2).is_contiguous()
+
+
+class _EfficientKernelContract:
+    """aten's memory-efficient attention on the CPU, keeping the CUDA kernel's contract (its meta
+    registration and kernel source): out [B,H,M,K] over [B,M,H,K] memory, lse fp32 in natural
+    log padded to a multiple of 32 rows with +inf; the backward takes that padded lse as given."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _scores(q, k, causal, scale):
+        s = (q.double() @ k.double().transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return s
+
+    def forward(self, q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, *, scale=None):
+        self.calls.append("fwd")
+        assert bias is None and compute_lse and dropout_p == 0.0
+        b, h, m, d = q.shape
+        s = self._scores(q, k, is_causal, scale)
+        lse = torch.full((b, h, -(-m // 32) * 32), float("inf"))
+        lse[..., :m] = torch.logsumexp(s, -1).float()
+        out = (torch.softmax(s, -1) @ v.double()).to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        return out, lse, torch.empty((), dtype=torch.int64), torch.empty((), dtype=torch.int64)
+
+    def backward(self, do, q, k, v, bias, out, lse, seed, offset, dropout_p, mask, is_causal=False, *, scale=None):
+        self.calls.append("bwd")
+        m = q.shape[2]
+        assert lse.dtype == torch.float32 and lse.shape[-1] == -(-m // 32) * 32 and lse[..., m:].isinf().all()
+        p = torch.exp(self._scores(q, k, is_causal, scale) - lse[..., :m, None].double())  # from the lse given
+        do64, v64 = do.double(), v.double()
+        ds = p * (do64 @ v64.transpose(-1, -2) - (do64 * out.double()).sum(-1, keepdim=True))
+        grads = ((ds @ k.double()) * scale, (ds.transpose(-1, -2) @ q.double()) * scale, p.transpose(-1, -2) @ do64)
+        return *(g.to(q.dtype) for g in grads), None
+
+
+@pytest.fixture
+def efficient_contract(monkeypatch):
+    """The torch path on the CPU taking its "efficient" branch, into the contract above."""
+    contract = _EfficientKernelContract()
+    monkeypatch.setattr(fa, "EFFICIENT_FAILED", [])
+    monkeypatch.setattr(fa, "_torch_path", lambda q: "efficient" if not fa.EFFICIENT_FAILED else "chunked")
+    monkeypatch.setattr(fa, "_efficient_attention", contract.forward)
+    monkeypatch.setattr(fa, "_efficient_attention_backward", contract.backward)
+    return contract
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d,nq,nk", [SHAPES[0], SHAPES[2]])
+def test_efficient_path_saves_the_unpadded_lse_and_hands_the_kernel_its_padding_back(d, nq, nk, causal,
+                                                                                     efficient_contract):
+    q, k, v, do = _inputs(2, 2, nq, nk, d, torch.float32, seed=d + nq + 2)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fa.flash_attention(*leaves, causal=causal, backend="torch")
+    out.backward(do)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    fa.attention_reference(*refs, causal=causal).backward(do.double())
+    assert efficient_contract.calls == ["fwd", "bwd"]
+    for name, got, want in [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]:
+        assert kt.rel_err(got, want) <= kt.TOL[torch.float32], name
+
+
+def test_efficient_kernel_that_cannot_run_warns_once_and_the_chunked_path_takes_over(efficient_contract,
+                                                                                     monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("cutlassF: no kernel found to launch!")
+
+    monkeypatch.setattr(fa, "_efficient_attention", no_kernel)
+    q, k, v, _ = _inputs(1, 2, 45, 38, 40, torch.float32, seed=5)
+    ref = fa.attention_reference(q.double(), k.double(), v.double())
+    with pytest.warns(RuntimeWarning, match="no kernel found"):
+        assert kt.rel_err(fa.flash_attention(q, k, v, backend="torch"), ref) <= kt.TOL[torch.float32]
+    assert kt.rel_err(fa.flash_attention(q, k, v, backend="torch"), ref) <= kt.TOL[torch.float32]  # no new warning
+    assert fa.EFFICIENT_FAILED == ["cutlassF: no kernel found to launch!"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_efficient_path_matches_float64_reference_on_cuda(causal, dtype, monkeypatch):
+    monkeypatch.setattr(fa, "EFFICIENT_FAILED", [])
+    tol = {torch.float16: 2e-3}.get(dtype, kt.TOL.get(dtype))
+    for d, nq, nk in SHAPES:
+        q, k, v, do = (t.cuda() for t in _inputs(2, 2, nq, nk, d, dtype, seed=d + nq + 3))
+        assert fa._torch_path(q) == "efficient"
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fa.flash_attention(*leaves, causal=causal, backend="torch")
+        out.backward(do)
+        refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = fa.attention_reference(*refs, causal=causal)
+        ref.backward(do.double())
+        assert not fa.EFFICIENT_FAILED, fa.EFFICIENT_FAILED
+        for name, got, want in [("out", out, ref)] + [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]:
+            assert kt.rel_err(got, want) <= tol, f"d{d} {name}: relative error {kt.rel_err(got, want):.2e}"

@@ -102,7 +102,9 @@ class _Stop:
 
 class LossScaler:
     """Dynamic loss scaling for fp16 models: gradients flow back through fp16 activations, where
-    small values underflow to zero; scale the loss up, and skip any step whose gradients overflow."""
+    small values underflow to zero; scale the loss up, and skip any step whose gradients overflow.
+    The scale never falls below 1: a step that overflows at scale 1 is not an overflow of the
+    scaling but a diverged loss (_optimizer_step)."""
 
     def __init__(self, scale: float | None, growth_interval: int = 2000) -> None:
         self.scale = scale
@@ -112,6 +114,10 @@ class LossScaler:
     @property
     def enabled(self) -> bool:
         return self.scale is not None
+
+    @property
+    def at_floor(self) -> bool:
+        return self.enabled and self.scale <= 1.0
 
     def update(self, finite: bool) -> None:
         if not self.enabled:
@@ -584,11 +590,15 @@ class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         self.loss = loss
 
-    def user_error(self, step: int, folder: RunFolder | None, kept: int | None) -> RunError:
-        """step: optimizer steps done when the loss of the next one was not finite; kept: the step
-        of the vectors kept (the last whose loss and gradient were finite), None if none was."""
+    def user_error(self, step: int, resumed_at: int, folder: RunFolder | None, kept: int | None) -> RunError:
+        """step: optimizer steps done when the loss of the next one was not finite; resumed_at: the
+        step this session started from; kept: the step of the vectors kept (the last whose loss and
+        gradient were finite), None if none was."""
         if kept is None:  # the very vectors this session started from: the model or the data
-            start = "before any update" if step == 0 else f"at the first step after resuming from step {step}"
+            start = ("before any update" if resumed_at == 0
+                     else f"at the first step after resuming from step {resumed_at}")
+            if step > resumed_at:  # steps fp16 loss scaling skipped, halving its scale down to 1
+                start += f" and still at step {step + 1} with the loss scale down to 1"
             return RunError(f"the loss is {self.loss} {start}, so it is not the learning rate: the model's "
                             "weights or the images give NaN/inf (a broken merge or conversion can hold NaN "
                             "weights); check the checkpoint, or train with --dtype float32; nothing was saved")
@@ -618,8 +628,8 @@ class _LastGood:
 
 
 class Diverged(RunError):
-    """Concepts whose loss or gradient turned non-finite (without fp16 loss scaling); their last
-    good embeddings are saved. `embeddings` holds every concept's final embedding, in order."""
+    """Concepts whose loss or gradient turned non-finite (under fp16 loss scaling: at scale 1);
+    their last good embeddings are saved. `embeddings` holds every concept's final embedding, in order."""
 
     def __init__(self, errors: list[tuple[str, UserError]], embeddings: list[Embedding]) -> None:
         if len(embeddings) == 1:
@@ -633,14 +643,15 @@ class Diverged(RunError):
 
 def _optimizer_step(c: _Concept, mean_loss: float, lr: float) -> bool:
     """Apply concept c's step from the gradients _forward_backward left -> whether it was applied.
-    A non-finite loss or gradient skips the step under fp16 loss scaling and raises _Diverged
-    without it."""
+    A non-finite loss or gradient skips the step under fp16 loss scaling, halving the scale, and
+    raises _Diverged without it or once the scale is down to 1 (NaN weights, a diverged run: no
+    scale explains it, and skipping on would skip forever)."""
     finite = math.isfinite(mean_loss) and all(bool(torch.isfinite(p.grad).all()) for p in c.vectors.params)
     if not finite:
         c.optimizer.zero_grad(set_to_none=True)
-        c.scaler.update(False)
-        if not c.scaler.enabled:
+        if not c.scaler.enabled or c.scaler.at_floor:
             raise _Diverged(mean_loss)
+        c.scaler.update(False)
         return False
     scale = c.scaler.scale if c.scaler.enabled else 1.0
     if scale != 1.0:
@@ -837,7 +848,7 @@ def train_many(sd, configs: list[TrainConfig],
                             c.folder.save(c.vectors.embedding(kept.step, kept.vectors), identity, c.optimizer,
                                           c.scaler, optimizer_state=kept.optimizer)
                         if len(concepts) > 1:
-                            log.error("%s: %s", c.config.token, e.user_error(c.step, c.folder, kept.step))
+                            log.error("%s: %s", c.config.token, e.user_error(c.step, c.resumed_at, c.folder, kept.step))
                         continue
                     if applied:
                         c.last_good.finite()
@@ -870,7 +881,7 @@ def train_many(sd, configs: list[TrainConfig],
                   for c in concepts]
     diverged = [c for c in concepts if c.diverged is not None]
     if diverged:
-        raise Diverged([(c.config.token, c.diverged.user_error(c.step, c.folder, c.last_good.step))
+        raise Diverged([(c.config.token, c.diverged.user_error(c.step, c.resumed_at, c.folder, c.last_good.step))
                         for c in diverged], embeddings)
     return embeddings
 

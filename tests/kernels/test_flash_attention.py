@@ -465,5 +465,6 @@ def test_efficient_path_matches_float64_reference_on_cuda(causal, dtype, monkeyp
         ref = fa.attention_reference(*refs, causal=causal)
         ref.backward(do.double())
         assert not fa.EFFICIENT_FAILED, fa.EFFICIENT_FAILED
-        for name, got, want in [("out", out, ref)] + [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]:
+        grads = [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]
+        for name, got, want in [("out", out, ref)] + grads:
             assert kt.rel_err(got, want) <= tol, f"d{d} {name}: relative error {kt.rel_err(got, want):.2e}"

@@ -15,7 +15,7 @@ from checkpoints import make_diffusers_folder, make_single_file
 from minti import diffusion
 from minti.errors import UserError
 from minti.training.embedding import Embedding, load_embedding
-from minti.training.trainer import LossScaler, TrainConfig, train
+from minti.training.trainer import LossScaler, TrainConfig, _Diverged, train
 
 RES = 64  # the narrow UNet has 3 downsamplings: 64 px -> 8x8 latents -> 1x1 at the bottom
 
@@ -377,3 +377,21 @@ def test_every_memory_mode_trains_to_the_same_vectors(ckpts, images):
 def test_unknown_memory_mode_is_a_user_error(sd1, images):
     with pytest.raises(UserError, match="memory mode"):
         train(sd1, cfg(images, token="<memx>", memory="tiny"))
+
+
+def test_loss_scaling_does_not_skip_a_diverged_run_forever(sd1, images, tmp_path):
+    # lr 1e30 throws the vectors to 1e30 after step 1; from there every loss is inf/nan. Under
+    # loss scaling (fp16's, here on fp32 from 8) steps 2-4 are skipped halving the scale to 1,
+    # and the next non-finite step is divergence: the run ends with step 0's vectors kept.
+    with pytest.raises(UserError, match="non-finite at step 5") as e:
+        train(sd1, cfg(images, tmp_path, token="<sc>", steps=50, lr=1e30, loss_scale=8.0))
+    assert "kept the embedding of step 0" in str(e.value)
+    log = [json.loads(x) for x in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert [(r["skipped"], r["loss_scale"]) for r in log] == [(False, 8.0), (True, 4.0), (True, 2.0), (True, 1.0)]
+    assert torch.load(tmp_path / "sc.pt", weights_only=True)["step"] == 0
+
+
+def test_a_loss_that_is_never_finite_under_loss_scaling_blames_the_weights_not_the_lr():
+    error = _Diverged(float("nan")).user_error(step=16, resumed_at=0, folder=None, kept=None)
+    assert "before any update and still at step 17 with the loss scale down to 1" in str(error)
+    assert "check the checkpoint" in str(error) and "resuming" not in str(error)

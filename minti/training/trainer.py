@@ -709,6 +709,9 @@ def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short
     folder = RunFolder(config.output) if config.output is not None else None
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
+    if state is not None and int(state["step"]) >= config.steps:  # before anything is rewritten
+        raise UserError(f"{config.resume} is already at step {int(state['step'])} and --steps {config.steps} asks for "
+                        f"no more: pass --steps larger than {int(state['step'])} to train on (its files are unchanged)")
     if folder is not None and world.writes:
         folder.check_start(config)
     init = initial_vectors(sd, config.init, config.vectors or (state["n_vectors"] if state else None))

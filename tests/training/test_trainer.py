@@ -292,6 +292,16 @@ def test_resume_refuses_another_token_or_model_and_a_fresh_run_does_not_overwrit
         train(sd1, cfg(images, tmp_path, token="<mine>", steps=2, resume=str(tmp_path)))
 
 
+def test_resuming_a_run_already_at_its_steps_says_so_and_rewrites_nothing(sd1, images, tmp_path):
+    train(sd1, cfg(images, tmp_path, token="<done>", steps=2))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    for steps in (2, 1):
+        with pytest.raises(UserError, match=f"already at step 2 and --steps {steps} asks for no more: pass --steps "
+                                            "larger than 2"):
+            train(sd1, cfg(images, tmp_path, token="<done>", steps=steps, resume=str(tmp_path)))
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
+
+
 def heldout_loss(sd, latent, vectors, offset, prompt, n=8, seed=99):
     """The denoising loss of one image on fixed (timestep, noise) pairs never used in training."""
     g = torch.Generator().manual_seed(seed)

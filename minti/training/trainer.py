@@ -155,9 +155,15 @@ def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def looks_like_a_path(init: str) -> bool:
-    """Whether --init names a file rather than words: a path separator or a file suffix. A bare word
-    is words even when a folder of that name happens to exist here."""
-    return "/" in init or "\\" in init or Path(init.strip()).suffix.lower() in PATH_SUFFIXES
+    """Whether --init names a file rather than words: a file suffix, or a path separator in one
+    word ("embeddings/dog") or in a path that exists. A bare word is words even when a folder of
+    that name happens to exist here, and a phrase ("a black/white cat") is words."""
+    text = init.strip()
+    if Path(text).suffix.lower() in PATH_SUFFIXES:
+        return True
+    if "/" not in text and "\\" not in text:
+        return False
+    return not any(c.isspace() for c in text) or Path(text).expanduser().exists()
 
 
 def init_embedding(init: str) -> Embedding | None:

@@ -15,7 +15,7 @@ from checkpoints import make_diffusers_folder, make_single_file
 from minti import diffusion
 from minti.errors import UserError
 from minti.training.embedding import Embedding, load_embedding
-from minti.training.trainer import LossScaler, TrainConfig, _Diverged, train
+from minti.training.trainer import LossScaler, TrainConfig, _Diverged, looks_like_a_path, train
 
 RES = 64  # the narrow UNet has 3 downsamplings: 64 px -> 8x8 latents -> 1x1 at the bottom
 
@@ -405,3 +405,12 @@ def test_a_loss_that_is_never_finite_under_loss_scaling_blames_the_weights_not_t
     error = _Diverged(float("nan")).user_error(step=16, resumed_at=0, folder=None, kept=None)
     assert "before any update and still at step 17 with the loss scale down to 1" in str(error)
     assert "check the checkpoint" in str(error) and "resuming" not in str(error)
+
+
+def test_init_phrases_with_a_slash_are_words_and_single_slashed_words_or_real_paths_are_files(tmp_path):
+    (tmp_path / "my embeddings").mkdir()
+    (tmp_path / "my embeddings" / "dog").write_bytes(b"")
+    for words in ("a black/white cat", "cat", "red and/or blue"):
+        assert not looks_like_a_path(words), words
+    for path in ("embeddings/dog", "dog.pt", "C:\\sd\\dog", "my dog.safetensors", str(tmp_path / "my embeddings" / "dog")):
+        assert looks_like_a_path(path), path

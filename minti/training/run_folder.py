@@ -93,8 +93,9 @@ def _version() -> str:
 class RunFolder:
     """The files of one training run in `path` (see the module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, world_size: int = 1) -> None:
         self.path = Path(path)
+        self.world_size = world_size  # processes under torchrun: --batch-size is per process
         self.saved_step: int | None = None  # the step of this session's last complete save
         self._log_failed = False
 
@@ -167,7 +168,7 @@ class RunFolder:
             values["template"] = str(Path(values["template"]).resolve())
         record = {"config": values, "model": str(Path(sd.source).resolve()),
                   "dtype": str(sd.dtype).removeprefix("torch."), "weights": getattr(sd, "weights", None),
-                  "device": str(sd.device), "identity": identity,
+                  "device": str(sd.device), "world_size": self.world_size, "identity": identity,
                   "minti": _version()}
         with self._writing(CONFIG_FILE):
             self.path.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,7 @@ class RunFolder:
         state = {"format": STATE_FORMAT, "token": embedding.token, "n_vectors": embedding.n_vectors,
                  "model": identity, "step": embedding.step, "vectors": list(embedding.vectors),
                  "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                 "scaler": scaler.state_dict(),
+                 "scaler": scaler.state_dict(), "world_size": self.world_size,
                  "rng": {"torch": torch.get_rng_state(),
                          **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}}
         written: list[Path] = []

@@ -707,19 +707,36 @@ def _png_card(sd, c: _Concept) -> None:
 # ---------------------------------------------------------------------------- the run
 
 
+def _warn_if_the_batch_changes(config: TrainConfig, saved_world: int, world_size: int) -> None:
+    """A run resumes on any number of processes, but --batch-size is per process: say so when
+    the images per step differ from the saved run's."""
+    try:
+        saved_batch = int(RunFolder(config.resume).read_config()["config"].get("batch_size", config.batch_size))
+    except UserError:  # a state without its config.json: nothing to compare with
+        return
+    before, now = saved_world * saved_batch, world_size * config.batch_size
+    if before == now:
+        return
+    keep = (f"pass --batch-size {before // world_size} to keep {before}" if before % world_size == 0
+            else f"a batch of {before} does not split over {world_size} processes")
+    log.warning("%s was trained with %d images per step (%d process%s x --batch-size %d); this run takes %d "
+                "(%d x %d): %s", config.resume, before, saved_world, "es" if saved_world > 1 else "", saved_batch,
+                now, world_size, config.batch_size, keep)
+
+
 def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short_hash: str | None,
              world: distributed.World) -> _Concept:
     """Everything one concept needs before its first step: its state when resuming, vectors,
     placeholder token, images, optimizer and loss scaler."""
     lr_at, templates, resolution = setup
-    folder = RunFolder(config.output) if config.output is not None else None
+    folder = RunFolder(config.output, world.size) if config.output is not None else None
     state = (RunFolder(config.resume).read_state(config.token, identity, config.vectors)
              if config.resume is not None else None)
     if state is not None and int(state["step"]) >= config.steps:  # before anything is rewritten
         raise UserError(f"{config.resume} is already at step {int(state['step'])} and --steps {config.steps} asks for "
                         f"no more: pass --steps larger than {int(state['step'])} to train on (its files are unchanged)")
-    if folder is not None and world.writes:
-        folder.check_start(config)
+    if state is not None and world.writes:
+        _warn_if_the_batch_changes(config, int(state.get("world_size", 1)), world.size)
     init = initial_vectors(sd, config.init, config.vectors or (state["n_vectors"] if state else None))
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])

@@ -5,6 +5,7 @@ clear message instead of a hang.
 The ranks are forked from the test process with torch.multiprocessing: a fork inherits the
 imported torch and the loaded tiny model, where a fresh interpreter per rank would spend
 seconds importing. Each rank gets exactly the environment torchrun gives it."""
+import json
 import os
 import queue
 import shutil
@@ -123,6 +124,21 @@ def test_a_run_resumes_on_another_number_of_ranks(tiny_sd, tmp_path):
     resumed = load_embedding(tmp_path / "two" / "rs.pt")
     assert resumed.step == 2
     torch.testing.assert_close(resumed.vectors[0], straight.vectors[0], rtol=0, atol=1e-6)
+
+
+def test_resuming_on_another_process_count_warns_when_the_images_per_step_change(tiny_sd, tmp_path, caplog):
+    from minti.training.trainer import _warn_if_the_batch_changes
+
+    train(tiny_sd, cfg("<wb>", tmp_path / "start", batch_size=2, steps=1))
+    assert json.loads((tmp_path / "start" / "config.json").read_text())["world_size"] == 1
+    assert torch.load(tmp_path / "start" / "state.pt", weights_only=True)["world_size"] == 1
+    resume = cfg("<wb>", resume=str(tmp_path / "start"), batch_size=2)
+    with caplog.at_level("WARNING", logger="minti"):
+        _warn_if_the_batch_changes(resume, saved_world=1, world_size=2)
+        _warn_if_the_batch_changes(cfg("<wb>", resume=str(tmp_path / "start"), batch_size=1), 1, 2)  # 2 x 1: the same
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'start'} was trained with 2 images per step (1 process x --batch-size 2); this run takes 4 "
+        "(2 x 2): pass --batch-size 1 to keep 2"]
 
 
 def _rank_1_dies(rank, sd, how, output):

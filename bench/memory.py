@@ -197,6 +197,7 @@ def write_result(result: dict, start: float, filename: str, print_json: bool) ->
     result["seconds"] = round(time.time() - start, 1)
     out = os.environ.get("OUT")
     if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, filename).write_text(json.dumps(result, indent=1))
     if print_json:
         print(json.dumps(result))

@@ -91,3 +91,15 @@ def test_cli_prints_and_writes_the_flop_table(tmp_path):
     assert printed["minti_fast_total_flops"] < printed["reference_total_flops"]
     assert 0 < printed["minti_fast_ratio"] < printed["minti_low_ratio"] < 1
     assert "minti --memory low" in result.stdout
+
+
+def test_concepts_sharing_a_step_count_the_flops_of_their_separate_steps(tmp_path, monkeypatch, capsys):
+    # Without CUDA --concepts counts FLOPs: K concepts in one batch do K batch-1 steps' work, no
+    # more (each sample its own text-encoder pass), and OUT is created when missing.
+    monkeypatch.setenv("OUT", str(tmp_path / "new"))
+    assert step.main(["--model", "sd15", "--resolution", "64", "--concepts", "1", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads((tmp_path / "new" / "step-concepts-sd15-64.json").read_text())
+    one, two = printed["concepts"]
+    assert (one["k"], two["k"]) == (1, 2) and one["ratio"] == two["ratio"] == 1.0
+    assert two["joint_gflop"] == pytest.approx(2 * one["joint_gflop"], rel=1e-3) and one["joint_gflop"] > 0

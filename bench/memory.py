@@ -48,7 +48,8 @@ def minti_step(sd, vectors: list[torch.Tensor], optimizer, latents: torch.Tensor
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (B,), device=latents.device)
     tokens = [tok.to(latents.device) for tok in sd.tokenize([prompt] * B)]
     context, pooled = sd.encode_tokens(tokens, vectors)
-    y = sd.sdxl_vector(pooled, original_size=(1024, 1024), target_size=(1024, 1024)) if sd.family == "sdxl" else None
+    size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # the training resolution, as the trainer's time ids
+    y = sd.sdxl_vector(pooled, original_size=size, target_size=size) if sd.family == "sdxl" else None
     diffusion_loss(sd.unet, latents, noise, t, context, y, prediction=sd.prediction, acp=acp).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

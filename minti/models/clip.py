@@ -99,6 +99,12 @@ def _activation(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def _table(rows: int, width: int) -> nn.Embedding:
+    """An embedding table the checkpoint fills, without nn.Embedding's random init: the models
+    are built on the meta device, where the first normal_ imports torch's Python refs (seconds)."""
+    return nn.Embedding(rows, width, _weight=torch.empty(rows, width))
+
+
 def embed_tokens(table: nn.Embedding, tokens: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     """Token vectors [B,L,width]; ids >= table size take row id - size of `extra`.
 
@@ -185,8 +191,8 @@ class ResidualBlock(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        self.token_embedding = _table(cfg.vocab_size, cfg.width)
+        self.position_embedding = _table(cfg.max_length, cfg.width)
         # Kept only so keys round-trip with real files (SD 1.x and SDXL store it). The forward
         # uses positions 0..L-1 directly: merged checkpoints often store this buffer as float,
         # some with values like 76.9999 that truncate to the wrong position.
@@ -286,7 +292,7 @@ class OpenCLIPTextModel(nn.Module):
         super().__init__()
         assert cfg.layout == "openclip", cfg.layout
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = _table(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(
             ResidualBlock(cfg, FusedSelfAttention(cfg)) for _ in range(cfg.layers))))

@@ -344,3 +344,17 @@ def test_sd2_text_encoder_skips_its_last_block_when_pooled_is_unused():
     model.transformer.resblocks[-1].register_forward_hook(lambda *a: ran.append(1))
     _, pooled = model(torch.full((1, 77), 49407))
     assert pooled is None and not ran
+
+
+@pytest.mark.parametrize("cfg", [CLIP_L_SD1, OPENCLIP_H_SD2], ids=["clip-l", "openclip"])
+def test_text_encoders_build_on_meta_without_drawing_random_tables(cfg, monkeypatch):
+    # The checkpoint fills the tables: nn.Embedding's normal_ init on the meta device cost the
+    # first minti.load seconds (it imports torch's Python refs), for values never used.
+    def no_init(*args, **kwargs):
+        raise AssertionError("a random init ran on a module the checkpoint fills")
+
+    monkeypatch.setattr(nn.init, "normal_", no_init)
+    with torch.device("meta"):
+        model = build_text_encoder(cfg)
+    table = next(m for name, m in model.named_modules() if name.endswith("token_embedding"))
+    assert table.weight.shape == (cfg.vocab_size, cfg.width) and table.weight.is_meta

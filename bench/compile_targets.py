@@ -215,9 +215,13 @@ def attention_launches(site: AttentionSite, dtype: torch.dtype):
                H=h, Nq=nq, Nk=nk, scale=d ** -0.5, **pieces)
     yield "attn_fwd", fa._attn_fwd, fwd, "fwd"
     for atomic in (True, False):
-        split_out = _tensor(torch.float32)
-        args = dict(bwd, DK=split_out, DV=split_out, DQ=f32 if atomic else t, SPLITS=2, DQ_ATOMIC=atomic)
-        yield f"attn_bwd_dkdv{'' if atomic else '_2pass'}", fa._attn_bwd_dkdv, args, "bwd_dkdv"
+        # split query ranges write fp32 partial dK/dV; a single range (SPLITS=1, which Triton
+        # specialises into another binary) writes them in the inputs' dtype (_triton_bwd)
+        for splits in (2, 1):
+            out = _tensor(torch.float32) if splits > 1 else t
+            args = dict(bwd, DK=out, DV=out, DQ=f32 if atomic else t, SPLITS=splits, DQ_ATOMIC=atomic)
+            name = f"attn_bwd_dkdv{'' if atomic else '_2pass'}{'' if splits > 1 else '_1range'}"
+            yield name, fa._attn_bwd_dkdv, args, "bwd_dkdv"
     yield "attn_bwd_dq_2pass", fa._attn_bwd_dq, dict(bwd, DQ=t), "bwd_dq"
 
 

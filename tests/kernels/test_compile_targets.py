@@ -74,9 +74,11 @@ def test_fp32_attention_forward_at_head_dim_160_selects_only_configs_that_do_not
 @pytest.mark.slow
 def test_attention_at_head_dim_160_keeps_a_config_that_fits_sm_75_without_spilling():
     # The hardest case: 64 KiB of shared memory, the widest SD head dim, every kernel
-    # (forward, dK/dV with and without atomic dQ, the deterministic dQ pass), self and cross.
+    # (forward, dK/dV with and without atomic dQ over one or split query ranges, the
+    # deterministic dQ pass), self and cross.
     result = compile_targets("--targets", "sm_75", "--dtypes", "float16", "--kernels", "attention",
                              "--head-dims", "160", "--one-per-class", "--smallest-only")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dkdv_2pass", "attn_bwd_dq_2pass"):
+    for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dkdv_2pass", "attn_bwd_dkdv_1range",
+                   "attn_bwd_dkdv_2pass_1range", "attn_bwd_dq_2pass"):
         assert f"| sm_75 | float16 | {kernel} | 2 | 0 | 0 | 0 | 0 |" in result.stdout

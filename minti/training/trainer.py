@@ -737,6 +737,8 @@ def _concept(sd, config: TrainConfig, setup: tuple, identity: dict | None, short
                         f"no more: pass --steps larger than {int(state['step'])} to train on (its files are unchanged)")
     if state is not None and world.writes:
         _warn_if_the_batch_changes(config, int(state.get("world_size", 1)), world.size)
+    if folder is not None and world.writes:
+        folder.check_start(config)
     init = initial_vectors(sd, config.init, config.vectors or (state["n_vectors"] if state else None))
     offset = register_token(sd, config.token, init[0].shape[0])
     data = _training_data(sd, config, resolution, templates, init[0].shape[0])

@@ -133,6 +133,7 @@ def test_resuming_on_another_process_count_warns_when_the_images_per_step_change
     assert json.loads((tmp_path / "start" / "config.json").read_text())["world_size"] == 1
     assert torch.load(tmp_path / "start" / "state.pt", weights_only=True)["world_size"] == 1
     resume = cfg("<wb>", resume=str(tmp_path / "start"), batch_size=2)
+    caplog.clear()
     with caplog.at_level("WARNING", logger="minti"):
         _warn_if_the_batch_changes(resume, saved_world=1, world_size=2)
         _warn_if_the_batch_changes(cfg("<wb>", resume=str(tmp_path / "start"), batch_size=1), 1, 2)  # 2 x 1: the same

@@ -24,7 +24,9 @@ def _inputs(b, h, nq, nk, d, dtype, seed=0):
     return q, k, v, do
 
 
-def _check_against_reference(q, k, v, do, causal, backend, scale=None):
+def _check_against_reference(q, k, v, do, causal, backend, scale=None, tol=None, where=""):
+    """flash_attention's output and dq/dk/dv against the float64 reference, within tol (kt.TOL
+    of the dtype unless given); `where` prefixes the failure message."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = fa.flash_attention(*leaves, causal=causal, scale=scale, backend=backend)
     out.backward(do)
@@ -32,10 +34,10 @@ def _check_against_reference(q, k, v, do, causal, backend, scale=None):
     ref = fa.attention_reference(*ref_leaves, causal=causal, scale=scale)
     ref.backward(do.double())
     assert out.dtype == q.dtype and out.shape == q.shape
-    tol = kt.TOL[q.dtype]
+    tol = kt.TOL[q.dtype] if tol is None else tol
     for name, got, want in [("out", out, ref)] + [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, ref_leaves)]:
         err = kt.rel_err(got, want)
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+        assert err <= tol, f"{where}{name}: relative error {err:.2e} > {tol:.0e}"
 
 
 @pytest.fixture
@@ -280,6 +282,9 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
+TORCH_PATH_TOL = {torch.float16: 2e-3}  # beyond kt.TOL's fp32 and bf16
+
+
 @pytest.mark.parametrize("path", ["cpu", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -289,16 +294,7 @@ def test_each_torch_path_matches_float64_reference(d, nq, nk, causal, dtype, pat
     # On the CPU every branch of the torch path runs: the device only picks which one.
     monkeypatch.setattr(fa, "_torch_path", lambda q: path)
     q, k, v, do = _inputs(2, 2, nq, nk, d, dtype, seed=d + nq + 1)
-    tol = {torch.float16: 2e-3}.get(dtype, kt.TOL.get(dtype))
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fa.flash_attention(*leaves, causal=causal, backend="torch")
-    out.backward(do)
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = fa.attention_reference(*refs, causal=causal)
-    ref.backward(do.double())
-    assert out.dtype == dtype
-    for name, got, want in [("out", out, ref)] + [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]:
-        assert kt.rel_err(got, want) <= tol, f"{name}: relative error {kt.rel_err(got, want):.2e}"
+    _check_against_reference(q, k, v, do, causal, "torch", tol=TORCH_PATH_TOL.get(dtype))
 
 
 def test_models_upcast_attention_takes_the_same_fp32_accumulating_torch_path():
@@ -425,14 +421,8 @@ def efficient_contract(monkeypatch):
 def test_efficient_path_saves_the_unpadded_lse_and_hands_the_kernel_its_padding_back(d, nq, nk, causal,
                                                                                      efficient_contract):
     q, k, v, do = _inputs(2, 2, nq, nk, d, torch.float32, seed=d + nq + 2)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fa.flash_attention(*leaves, causal=causal, backend="torch")
-    out.backward(do)
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    fa.attention_reference(*refs, causal=causal).backward(do.double())
+    _check_against_reference(q, k, v, do, causal, "torch")
     assert efficient_contract.calls == ["fwd", "bwd"]
-    for name, got, want in [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]:
-        assert kt.rel_err(got, want) <= kt.TOL[torch.float32], name
 
 
 def test_efficient_kernel_that_cannot_run_warns_once_and_the_chunked_path_takes_over(efficient_contract,
@@ -454,17 +444,8 @@ def test_efficient_kernel_that_cannot_run_warns_once_and_the_chunked_path_takes_
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_efficient_path_matches_float64_reference_on_cuda(causal, dtype, monkeypatch):
     monkeypatch.setattr(fa, "EFFICIENT_FAILED", [])
-    tol = {torch.float16: 2e-3}.get(dtype, kt.TOL.get(dtype))
     for d, nq, nk in SHAPES:
         q, k, v, do = (t.cuda() for t in _inputs(2, 2, nq, nk, d, dtype, seed=d + nq + 3))
         assert fa._torch_path(q) == "efficient"
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out = fa.flash_attention(*leaves, causal=causal, backend="torch")
-        out.backward(do)
-        refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-        ref = fa.attention_reference(*refs, causal=causal)
-        ref.backward(do.double())
+        _check_against_reference(q, k, v, do, causal, "torch", tol=TORCH_PATH_TOL.get(dtype), where=f"d{d} ")
         assert not fa.EFFICIENT_FAILED, fa.EFFICIENT_FAILED
-        grads = [(f"d{n}", a.grad, r.grad) for n, a, r in zip("qkv", leaves, refs)]
-        for name, got, want in [("out", out, ref)] + grads:
-            assert kt.rel_err(got, want) <= tol, f"d{d} {name}: relative error {kt.rel_err(got, want):.2e}"

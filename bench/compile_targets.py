@@ -17,8 +17,9 @@ target's per-block limit and against the estimate the pruning trusts.
 
 Exit 1 when a selectable config fails to compile, needs more shared memory than its
 target has or than the pruning estimated, or spills inside a loop; or when a launch site has
-no selectable config at all. A spill outside every loop (a few bytes ptxas parks before the
-loops and reads back after them, once per program) is listed as a NOTE.
+no selectable config at all, or none that compiles without a single spill (not checked with
+--smallest-only). A spill outside every loop (a few bytes ptxas parks before the loops and
+reads back after them, once per program) is listed as a NOTE.
 Compiles are deduplicated (the same constexprs, argument types and alignment give the
 same binary), and serial: the cost is the CPU's. Triton's disk cache keeps the binaries, so
 a second run compiles nothing it compiled before.
@@ -368,6 +369,7 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
         s = stats[(target, dtype_name, name)]
         if not configs:
             problems.append(f"{target} {dtype_name} {name} {shape}: no selectable config")
+        clean = False  # some selectable config of this launch compiles without a single spill
         for (block_m, block_n, warps, stages), estimate in configs:
             blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n} if block_m else {}
             r = compile_one(fn, {**args, **blocks}, limits.capability[0] * 10 + limits.capability[1], warps, stages)
@@ -389,9 +391,12 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
             elif r.spill:  # parked once per program, before the loops and read back after
                 s["cold"] += 1
                 notes.append(f"{where}: {r.spill} bytes spilled outside its loops")
+            clean |= r.spill == 0
             if verbose:
                 print(f"{where}: shared {r.shared}, regs {r.regs}, stack {r.stack}, spill {r.spill} "
                       f"({r.hot_spill} in loops)", flush=True)
+        if configs and not clean and not smallest_only:  # --smallest-only compiles one config of several
+            problems.append(f"{target} {dtype_name} {name} {shape}: every selectable config spills")
     return stats, problems, notes
 
 

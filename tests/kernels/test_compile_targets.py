@@ -82,3 +82,31 @@ def test_attention_at_head_dim_160_keeps_a_config_that_fits_sm_75_without_spilli
     for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dkdv_2pass", "attn_bwd_dkdv_1range",
                    "attn_bwd_dkdv_2pass_1range", "attn_bwd_dq_2pass"):
         assert f"| sm_75 | float16 | {kernel} | 2 | 0 | 0 | 0 | 0 |" in result.stdout
+
+
+SWEEP_WITH_FAKE_COMPILES = """
+import runpy, sys
+sweep = runpy.run_path("bench/compile_targets.py", run_name="compile_targets")["sweep"]
+Result = sweep.__globals__["Result"]
+spill = int(sys.argv[1])  # every compile spills this many bytes, outside its loops
+def fake_compile(fn, args, cc, num_warps, num_stages):
+    return Result(ok=True, shared=1024, regs=64, spill=spill)
+sweep.__globals__["compile_one"] = fake_compile
+targets = {"sm_86": sweep.__globals__["kernels"].TARGET_LIMITS["sm_86"]}
+_, problems, notes = sweep(targets, ["float16"], ["attn_fwd"], head_dims={160}, one_per_class=True)
+print(len(notes), "notes;", "; ".join(problems) or "no problems")
+"""
+
+
+def test_a_launch_whose_every_selectable_config_spills_fails_the_sweep():
+    # At head dim 160 on sm_86 the fp16 forward selects three configs, at two sites (self- and
+    # cross-attention): all six spilling outside their loops leaves no clean config (a problem);
+    # spills outside the loops are otherwise only notes.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = lambda spill: subprocess.run([sys.executable, "-c", SWEEP_WITH_FAKE_COMPILES, str(spill)], cwd=ROOT,  # noqa: E731
+                                       env=env, capture_output=True, text=True, timeout=300)
+    spilling, clean = run(8), run(0)
+    assert spilling.returncode == 0 and clean.returncode == 0, spilling.stderr[-2000:] + clean.stderr[-2000:]
+    assert "every selectable config spills" in spilling.stdout and spilling.stdout.startswith("6 notes")
+    assert clean.stdout.strip() == "0 notes; no problems"

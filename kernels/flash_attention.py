@@ -151,8 +151,7 @@ _efficient_attention_backward = torch.ops.aten._scaled_dot_product_efficient_att
 
 def _efficient_fwd(q, k, v, causal: bool, scale: float):
     q, k, v = _unit_stride_rows(q, k, v)
-    out, lse, _, _ = _efficient_attention(
-        q, k, v, None, True, 0.0, causal, scale=scale)
+    out, lse, _, _ = _efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)  # True: return the lse
     # The saved lse is [B, H, Nq] like every path's (the padding comes back in the backward).
     return _token_major(out), lse[..., :q.shape[2]].contiguous()
 

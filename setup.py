@@ -1,9 +1,14 @@
 """minti: minimal textual inversion for Stable Diffusion."""
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "minti" / "version.py").read_text()).group(1)
 
 setup(
     name="minti",
-    version="0.1.0",
+    version=VERSION,
     description="Minimal-memory textual inversion for Stable Diffusion (SD 1.x, 2.x, XL), PyTorch + Triton",
     python_requires=">=3.10",
     # kernels/ is a top-level folder in the source tree but is always imported as

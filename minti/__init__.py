@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-__version__ = "0.1.0"
+from minti.version import __version__  # noqa: F401  (re-exported)
 
 
 def _mount_source_kernels() -> None:

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from minti.errors import UserError
+from minti.version import __version__
 
 # name -> (help, module)
 SUBCOMMANDS = {
@@ -23,17 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m minti",
         description="minti: minimal-memory textual inversion for Stable Diffusion (SD 1.x, 2.x, XL).",
     )
-    parser.add_argument("--version", action="version", version=f"minti {_version()}")
+    parser.add_argument("--version", action="version", version=f"minti {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (help_text, module_name) in SUBCOMMANDS.items():
         importlib.import_module(module_name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
-
-
-def _version() -> str:
-    import minti
-
-    return minti.__version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from minti.errors import RunError, UserError, missing_path
 from minti.training.report import REPORT_FILE
 from minti.training.config import TrainConfig, known_fields
 from minti.training.embedding import Embedding, file_stem
+from minti.version import __version__
 
 log = logging.getLogger("minti")
 
@@ -82,12 +83,6 @@ def model_identity(sd, short_hash: str | None) -> dict:
     """What a resumed run must share with its start: a run on another model would train nonsense."""
     return {"family": sd.family, "prediction": sd.prediction, "embedding_dims": list(sd.embedding_dims),
             "hash": short_hash if short_hash is not None else _folder_fingerprint(Path(sd.source))}
-
-
-def _version() -> str:
-    import minti
-
-    return minti.__version__
 
 
 class RunFolder:
@@ -169,7 +164,7 @@ class RunFolder:
         record = {"config": values, "model": str(Path(sd.source).resolve()),
                   "dtype": str(sd.dtype).removeprefix("torch."), "weights": getattr(sd, "weights", None),
                   "device": str(sd.device), "world_size": self.world_size, "identity": identity,
-                  "minti": _version()}
+                  "minti": __version__}
         with self._writing(CONFIG_FILE):
             self.path.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")

@@ -62,9 +62,9 @@ def test_fp8_loaded_model_agrees_with_the_fp32_loaded_one(files, family):
     (out_full, ctx_full), (out_fp8, ctx_fp8) = unet_and_context(full), unet_and_context(fp8)
     # phase 1's tolerance for narrow random UNets (tests/models/test_fp8.py: measured 12-16% of the
     # output's max, ~30 layers compounding each weight's 2.65% rounding); the text towers are
-    # 12-32 blocks deep and stay closer
+    # 12-32 blocks deep and stay closer: measured 0.087 (sd1) and 0.094 (sdxl)
     assert rel_err(out_fp8, out_full) < 0.25
-    assert rel_err(ctx_fp8, ctx_full) < 0.25
+    assert rel_err(ctx_fp8, ctx_full) < 0.11
     assert rel_err(out_fp8, out_full) > 1e-4  # the weights really are rounded
 
 

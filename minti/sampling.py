@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, to_x0
 
@@ -187,7 +188,5 @@ def decode(sd, latents: torch.Tensor) -> torch.Tensor:
 
 def to_pil(pixels: torch.Tensor) -> list:
     """[B,3,H,W] in [-1,1] -> PIL images."""
-    from PIL import Image
-
     arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]

@@ -5,11 +5,11 @@ minti's modules use single-file names; a diffusers folder is converted on load w
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 # ---- unet -------------------------------------------------------------------------------
-import re as _re
-
 # Inside a ResBlock (diffusers "resnets.N"): LDM keeps the Sequential indices of
 # GroupNorm, SiLU, conv (in_layers), SiLU, Linear (emb_layers), GroupNorm, SiLU, Dropout, conv.
 # Transformer internals (norm, proj_in, transformer_blocks...) already share their names.
@@ -43,8 +43,8 @@ def unet_from_diffusers(sd: dict, **kw) -> dict:
     where the extra ResBlock eats the Downsample's skip). n is read from the keys, and so is
     whether an up level has attention, which moves its Upsample from slot .1 to .2.
     """
-    n = 1 + max(int(m[1]) for k in sd if (m := _re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
-    up_with_attention = {int(m[1]) for k in sd if (m := _re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    n = 1 + max(int(m[1]) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    up_with_attention = {int(m[1]) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     rules = _UNET_RESNET_RULES + _UNET_FIXED_RULES + [
         (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.",
          lambda m: f"input_blocks.{1 + int(m[1]) * (n + 1) + int(m[2])}.0."),
@@ -63,15 +63,14 @@ def unet_from_diffusers(sd: dict, **kw) -> dict:
     for key, value in sd.items():
         new = key
         for pattern, repl in rules:
-            new = _re.sub(pattern, repl, new)
+            new = re.sub(pattern, repl, new)
         if not new.startswith(_UNET_SINGLE_FILE_ROOTS):
             raise ValueError(f"unet_from_diffusers: no rule for diffusers key {key!r}")
         out[new] = value
     return out
 
-# ---- vae --------------------------------------------------------------------------------
-import re as _re
 
+# ---- vae --------------------------------------------------------------------------------
 # (pattern, replacement) applied in order to every key. Both diffusers generations are
 # covered: current attention names (to_q/to_k/to_v/to_out.0) and the 2022-era ones
 # (query/key/value/proj_attn). decoder.up_blocks is handled separately (index reversal).
@@ -89,8 +88,8 @@ _VAE_RULES = [
     (r"\.conv_shortcut\.", ".nin_shortcut."),
     (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
 ]
-_VAE_UP = _re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.")
-_VAE_LINEAR_ATTN = _re.compile(r"\.attn_1\.(q|k|v|proj_out)\.weight$")
+_VAE_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.")
+_VAE_LINEAR_ATTN = re.compile(r"\.attn_1\.(q|k|v|proj_out)\.weight$")
 
 
 def vae_from_diffusers(sd: dict, **kw) -> dict:
@@ -101,7 +100,7 @@ def vae_from_diffusers(sd: dict, **kw) -> dict:
     deepest level up, LDM's decoder.up.N by resolution: up_blocks.i is up.(n-1-i)."""
     n_up = len({m.group(1) for k in sd if (m := _VAE_UP.match(k))})
 
-    def up(m: _re.Match) -> str:
+    def up(m: re.Match) -> str:
         part = "block" if m.group(2) == "resnets" else "upsample"
         return f"decoder.up.{n_up - 1 - int(m.group(1))}.{part}."
 
@@ -109,7 +108,7 @@ def vae_from_diffusers(sd: dict, **kw) -> dict:
     for key, t in sd.items():
         new = _VAE_UP.sub(up, key)
         for pattern, repl in _VAE_RULES:
-            new = _re.sub(pattern, repl, new)
+            new = re.sub(pattern, repl, new)
         if _VAE_LINEAR_ATTN.search(new) and t.ndim == 2:
             t = t.reshape(*t.shape, 1, 1)
         if new in out:

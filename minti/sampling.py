@@ -149,9 +149,7 @@ def generate(sd, prompts: list[str], *, extra: list[torch.Tensor] | None = None,
     texts = ([negative] * len(prompts) if guidance != 1.0 else []) + list(prompts)
     extra_dev = None if extra is None else [v.to(sd.device, sd.dtype) for v in extra]
     context, pooled = sd.encode_tokens(sd.tokenize(texts), extra_dev)
-    y = None
-    if sd.family == "sdxl":
-        y = sd.sdxl_vector(pooled, original_size=(height, width), crop=(0, 0), target_size=(height, width))
+    y = sd.size_condition(pooled, original_size=(height, width), crop=(0, 0), target_size=(height, width))
     run = ddim if method == "ddim" else euler
     return run(guided_model(sd.unet, context, y, guidance), noise, steps, sd.prediction)
 

@@ -15,13 +15,8 @@ import time
 
 import torch
 
-# family -> attention shapes of its UNet's first attention level and its text encoder:
-# (heads, head dim at that level, latent downsampling of that level), text (heads, head dim)
-_FAMILY_SHAPES = {
-    "sd1": dict(level=(8, 40, 1), deep=(8, 160, 4), text=(12, 64), channels=320),
-    "sd2": dict(level=(5, 64, 1), deep=(20, 64, 4), text=(16, 64), channels=320),
-    "sdxl": dict(level=(10, 64, 2), deep=(20, 64, 4), text=(20, 64), channels=640),
-}
+from minti.loading.families import DEFAULT_FAMILY, FAMILIES
+
 SELF_TEST_TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}
 
 
@@ -72,7 +67,7 @@ def _max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def _self_test_cases(family: str, resolution: int, device: torch.device, dtype: torch.dtype):
     """(name, function of backend -> output, inputs that get gradients) at the model's shapes."""
     kernels = importlib.import_module("minti.kernels")
-    shapes = _FAMILY_SHAPES[family]
+    shapes = FAMILIES[family].kernel_shapes
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape):
@@ -80,19 +75,19 @@ def _self_test_cases(family: str, resolution: int, device: torch.device, dtype: 
 
     side = resolution // 8
     cases = []
-    for heads, d, down in (shapes["level"], shapes["deep"]):
+    for heads, d, down in (shapes.first_attention, shapes.deepest_attention):
         n = (side // down) ** 2
         q, kv = rand(1, heads, n, d), rand(1, heads, n, d)
         cases.append((f"attention {n}x{n} d{d}", lambda b, q=q, kv=kv: kernels.flash_attention(q, kv, kv, backend=b), [q, kv]))
         ctx = rand(1, heads, 77, d)
         cases.append((f"attention {n}x77 d{d}", lambda b, q=q, c=ctx: kernels.flash_attention(q, c, c, backend=b), [q, ctx]))
-    heads, d = shapes["text"]
+    heads, d = shapes.text
     t = rand(1, heads, 77, d)
     cases.append((f"attention causal 77 d{d}", lambda b: kernels.flash_attention(t, t, t, causal=True, backend=b), [t]))
-    c = shapes["channels"]
+    c = shapes.channels
     x, w, bias = rand(1, c, side, side), torch.ones(c, device=device, dtype=dtype), torch.zeros(c, device=device, dtype=dtype)
     cases.append((f"group_norm_silu {c}x{side}^2", lambda b: kernels.group_norm_silu(x, w, bias, 32, 1e-5, backend=b), [x]))
-    h = rand(1, (side // shapes["level"][2]) ** 2, 8 * c)
+    h = rand(1, (side // shapes.first_attention.downsampling) ** 2, 8 * c)
     cases.append((f"geglu {h.shape[1]}x{8 * c}", lambda b: kernels.geglu(h, backend=b), [h]))
     return cases
 
@@ -152,7 +147,7 @@ def _memory_plans(path: str, resolution: int, device: torch.device, dtype: torch
 
 
 def _default_resolution(family: str) -> int:
-    return {"sd1": 512, "sd2": 768, "sdxl": 1024}.get(family, 512)
+    return FAMILIES[family].largest_size
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     lines = ["minti doctor (paste all of this into a bug report)"] + _versions() + _gpu(device)
     lines.append("backends    " + kernels.describe_backends(device, dtype))
-    family = "sd1"
+    family = DEFAULT_FAMILY
     if args.model:
         plan_lines, family = _memory_plans(args.model, args.resolution, device, dtype, args.vram)
         lines += plan_lines

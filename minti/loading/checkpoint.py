@@ -1,4 +1,4 @@
-"""Reading Stable Diffusion checkpoints: which file is this, which family, and where is each weight.
+"""Reading Stable Diffusion checkpoints: where is each weight, read one tensor at a time.
 
 Three inputs, one key space. Everything downstream sees single-file key names
 (`model.diffusion_model.…`, `first_stage_model.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`;
@@ -13,19 +13,8 @@ each family's prefixes and diffusers folders are in minti.loading.families):
 
 Nothing here materialises a weight until `Checkpoint.read(part, names, …)` is asked for it, so
 `minti inspect` reads headers only, and keys nobody needs (EMA copies, DDPM schedule buffers)
-are never touched.
-
-Family detection uses structure first and widths second, so that narrow test models of the
-real layouts are recognised too:
-    sdxl  UNet has label_emb and 3 levels (base; real context 2048)
-    sd2   no label_emb, linear proj_in (real context 1024)
-    sd1   no label_emb, 1x1-conv proj_in (real context 768)
-Bytes that are no checkpoint at all (an HTML page, a git-LFS pointer, JSON, text, an empty file)
-are named for what they are before any parser sees them (what_it_is_instead).
-Refused with a message naming what the file looks like: inpainting/depth/pix2pix UNets (input
-channels != 4), the SDXL refiner (label_emb with 4 levels, context 1280, adm 2560), SD3/Flux/
-Cascade/DiT transformers, LoRAs, textual-inversion embeddings, VAE-only and text-encoder-only files,
-empty/unknown files.
+are never touched. Which file this is, which family, and what a file that is none looks like
+are minti.loading.detect's.
 """
 from __future__ import annotations
 
@@ -39,8 +28,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from safetensors import safe_open
 
-from minti.errors import UserError, missing_path
+from minti.errors import missing_path
+from minti.loading.detect import (EMBEDDING_NOT_MODEL, CheckpointError, detect_family, file_format,
+                                  what_it_is_instead)
+from minti.loading.diffusers_keys import to_single_file
 from minti.loading.families import FAMILIES, UNET_PREFIX
 
 # keys inside a part that minti's modules may not have and never need: buffers that the
@@ -50,114 +43,6 @@ UNUSED_SUFFIXES = ("position_ids", "attn_mask", "logit_scale")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-class CheckpointError(UserError):
-    """A checkpoint minti cannot use; the message is one line that names the file."""
-
-    def __init__(self, path: str | Path, message: str):
-        super().__init__(f"{path}: " + " ".join(str(message).split()))
-
-
-# ---- family detection -------------------------------------------------------------------------
-
-_FOREIGN = [  # (key pattern, what the file is) for architectures minti does not load
-    (r"(^|\.)joint_blocks\.", "an SD3 model (MMDiT joint_blocks)"),
-    (r"(^|\.)double_blocks\.", "a Flux model (double_blocks)"),
-    (r"(^|\.)single_transformer_blocks\.|(^|\.)transformer_blocks\.\d+\.attn\.add_q_proj", "an SD3/Flux transformer (diffusers layout)"),
-    (r"(^|\.)(effnet_mapper|clip_txt_pooled_mapper|clf)\.", "a Stable Cascade model"),
-    (r"(^|\.)(x_embedder|context_embedder)\.", "a DiT-style transformer (SD3/Flux/PixArt)"),
-]
-_LORA = re.compile(r"(^|[._])lora_|\.lora_(up|down)\.|\.lora_[AB]\.|\.alpha$|^lora_te|hada_w|lokr_")
-
-
-def detect_family(shapes: dict[str, tuple[int, ...]], path: str | Path) -> str:
-    """'sd1' | 'sd2' | 'sdxl' from single-file key names and shapes, or CheckpointError saying
-    what the file looks like instead."""
-    if not shapes:
-        raise CheckpointError(path, "contains no tensors: not a Stable Diffusion checkpoint")
-    keys = list(shapes)
-    if _looks_like_embedding(shapes):
-        raise CheckpointError(path, EMBEDDING_NOT_MODEL)
-    if any(_LORA.search(k) for k in keys):
-        raise CheckpointError(path, "looks like a LoRA (lora_* keys), not a full checkpoint: "
-                              "minti needs a complete SD 1.x/2.x/XL model file")
-    for pattern, what in _FOREIGN:
-        if any(re.search(pattern, k) for k in keys):
-            raise CheckpointError(path, f"looks like {what}; minti supports SD 1.x, SD 2.x and SDXL base only")
-    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is None:
-        raise CheckpointError(path, _what_without_unet(keys))
-    if conv_in[1] != 4:
-        what = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth-conditioned model"}
-        raise CheckpointError(path, f"looks like {what.get(conv_in[1], 'a non-txt2img model')} (the UNet takes "
-                              f"{conv_in[1]} input channels, not 4); use a txt2img base checkpoint")
-    unet = [(k, s) for k, s in shapes.items() if k.startswith(UNET_PREFIX)]
-    context = next((s[1] for k, s in unet if k.endswith("attn2.to_k.weight")), None)
-    proj_in = next((s for k, s in unet if k.endswith(".proj_in.weight")), None)
-    label = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
-    downsamples = sum(1 for k in keys if k.startswith(UNET_PREFIX + "input_blocks.") and k.endswith(".op.weight"))
-    if label is not None:
-        if context == 1280 or label[1] == 2560 or downsamples != 2:
-            raise CheckpointError(path, "looks like the SDXL refiner (label_emb with 4 UNet levels, context 1280); "
-                                  "textual inversion needs the SDXL base model")
-        family = "sdxl"
-    elif proj_in is None:
-        raise CheckpointError(path, "UNet has no cross-attention transformers: not a text-to-image SD model")
-    else:
-        family = "sd2" if len(proj_in) == 2 else "sd1"
-    # a file whose text encoder belongs to the other family is a broken merge, not a model
-    other = {"sd1": "sd2", "sd2": "sd1"}.get(family)
-    if other and any(k.startswith(FAMILIES[other].parts["text"].prefix) for k in keys) \
-            and not any(k.startswith(FAMILIES[family].parts["text"].prefix) for k in keys):
-        raise CheckpointError(path, f"mixes an {family} UNet with an {other} text encoder; not a standard checkpoint")
-    return family
-
-
-EMBEDDING_NOT_MODEL = ("is a textual-inversion embedding, not a model: give it to `sample --embedding` or "
-                       "`train --init`, and pass a Stable Diffusion checkpoint as --model")
-
-
-def _looks_like_embedding(shapes: dict[str, tuple[int, ...]]) -> bool:
-    """The layouts of minti.training.embedding: {"emb_params"}, {"clip_l", "clip_g"}, or a single
-    [N, dim] tensor named after its token (diffusers' learned_embeds)."""
-    keys = set(shapes)
-    if keys in ({"emb_params"}, {"clip_l", "clip_g"}):
-        return True
-    if len(keys) == 1:
-        shape = next(iter(shapes.values()))
-        return 1 <= len(shape) <= 2 and "." not in next(iter(keys))
-    return False
-
-
-def _what_without_unet(keys: list[str]) -> str:
-    def has(*prefixes: str) -> bool:
-        return any(k.startswith(prefixes) for k in keys)
-
-    if has("first_stage_model.", "encoder.", "decoder.", "vae.") and not has("cond_stage_model.", "conditioner."):
-        return "looks like a VAE-only file (encoder./decoder. keys, no UNet); minti needs a full checkpoint"
-    if has("cond_stage_model.", "conditioner.", "text_model.", "transformer.resblocks.", "token_embedding.",
-           "embeddings.token_embedding."):
-        return "looks like a text-encoder-only file (no UNet keys); minti needs a full checkpoint"
-    if has("down_blocks.", "up_blocks.", "mid_block.") and has("conv_in."):
-        return ("looks like a single diffusers component file (down_blocks/up_blocks names); "
-                "pass the diffusers folder that holds model_index.json")
-    return f"no Stable Diffusion UNet keys (model.diffusion_model.*) among its {len(keys)} tensors (first: {keys[0]!r})"
-
-
-# v-prediction is invisible in the weights. Markers: a `v_pred` key (ComfyUI saves one), or
-# the file name: "768" (v2-1_768-ema-pruned, 768-v-ema), "v-pred"/"vpred"/"v_pred"/
-# "v-prediction", or a lone "v" word ("sd21_v.safetensors", "model-v.ckpt").
-_V_NAME = re.compile(r"768|v[-_ ]?pred|(^|[-_. ])v($|[-_. ])", re.IGNORECASE)
-
-
-def guess_prediction(family: str, keys: Iterable[str], name: str) -> str:
-    """'eps' or 'v' from what a file can tell; only SD 2.x ships both (2.x-base eps, 2.x-768 v)."""
-    if any(k == "v_pred" for k in keys):
-        return "v"
-    if FAMILIES[family].v_size is None:
-        return "eps"
-    return "v" if _V_NAME.search(Path(name).stem) else "eps"
 
 
 # ---- the checkpoint -----------------------------------------------------------------------------
@@ -215,8 +100,6 @@ def _convert(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 class _SafetensorsReader:
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         if (instead := what_it_is_instead(path)) is not None:  # e.g. a diffusers folder cloned without git-lfs
             raise CheckpointError(path, instead)
         try:
@@ -246,64 +129,6 @@ class _SafetensorsReader:
 
 def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
-
-
-# ---- what a file is, from its first bytes ----------------------------------------------------------
-
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
-PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch's pre-1.6 format: a bare pickle
-
-
-def file_format(head: bytes, size: int) -> str | None:
-    """"pickle" (torch.save, zip or legacy) or "safetensors" from a file's first bytes; None when
-    they are neither."""
-    # safetensors first: its 8-byte little-endian header length may well start with a pickle's bytes
-    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
-    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTOCOLS):
-        return "pickle"
-    return None
-
-
-def what_it_is_instead(path: str | Path, noun: str = "checkpoint") -> str | None:
-    """For a file whose bytes are no model or embedding at all: what it is, in words, with the fix
-    (an HTML page, a git-LFS pointer, JSON, text, an empty or unrecognisable file); None for a file
-    that starts like a torch or safetensors file. Reads the first kilobyte only."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(1024)
-        size = f.seek(0, 2)
-    a_noun = ("an " if noun[0] in "aeiou" else "a ") + noun
-    if size == 0:
-        return f"is empty (0 bytes), not {a_noun}: the download or copy did not finish; get the file again"
-    if head.startswith(b"version https://git-lfs"):
-        return (f"is a git-LFS pointer ({size} bytes of text), not the {noun} itself: run `git lfs pull` in the "
-                "repository it came from, or download the file directly")
-    if file_format(head, size) is not None:
-        return None
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:512]:
-        return (f"is an HTML page ({size} bytes: a login, error or download page saved under this name), not "
-                f"{a_noun}: download the file itself (on Hugging Face: the download link, not the file's page)")
-    if text.startswith((b"{", b"[")):
-        return f"holds JSON text ({_snippet(head)}), not {a_noun}: download the {noun} file itself"
-    if _is_text(head):
-        return f"is a text file ({size} bytes: {_snippet(head)}), not {a_noun}"
-    return (f"is not {a_noun} (its first bytes {head[:8].hex(' ')} are neither a PyTorch zip/pickle nor a "
-            "safetensors header): the file is damaged or something else; download it again")
-
-
-def _is_text(head: bytes) -> bool:
-    try:
-        decoded = head.decode("utf-8")
-    except UnicodeDecodeError:  # possibly cut inside a character at the 1 KiB boundary
-        decoded = head[:-3].decode("utf-8", errors="replace")
-    return bool(decoded) and sum(c.isprintable() or c in "\r\n\t" for c in decoded) >= 0.95 * len(decoded)
-
-
-def _snippet(head: bytes, n: int = 40) -> str:
-    text = " ".join(head.decode("utf-8", errors="replace").split())
-    return "starts " + repr(text[:n] + ("..." if len(text) > n else ""))
 
 
 # ---- pickles ------------------------------------------------------------------------------------
@@ -484,8 +309,6 @@ class _DiffusersReader:
         return info
 
     def convert(self, component: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from minti.loading.diffusers_keys import to_single_file
-
         kw = {"layout": self.layouts[component]} if component.startswith("text") else {}
         try:
             return to_single_file(component, tensors, **kw)
@@ -548,19 +371,20 @@ def _open_diffusers(root: Path, prefer_half: bool) -> Checkpoint:
             dtypes[prefix + k] = t.dtype
 
     add("unet", UNET_PREFIX)
-    family = detect_family(shapes, root)
-    text_components = [c for c in ("text_encoder", "text_encoder_2") if (root / c).is_dir()]
-    if family == "sdxl" and text_components != ["text_encoder", "text_encoder_2"]:
-        raise CheckpointError(root, "has an SDXL UNet but not both text_encoder/ and text_encoder_2/ "
-                              "(the refiner has only one); use the SDXL base pipeline")
+    family = FAMILIES[detect_family(shapes, root)]
+    text_components = [family.parts[p].component for p in family.text_parts]
+    if len(text_components) > 1 and not all((root / c).is_dir() for c in text_components):
+        folders = " and ".join(f"{c}/" for c in text_components)
+        raise CheckpointError(root, f"has an {family.label} UNet but not both {folders} (the refiner has only one); "
+                              f"use the {family.label} base pipeline")
     parts_of = {"unet": UNET_PREFIX}
-    for part, spec in FAMILIES[family].parts.items():
+    for part, spec in family.parts.items():
         if part != "unet" and (root / spec.component).is_dir():
             if spec.layout is not None:
                 reader.layouts[spec.component] = spec.layout
             add(spec.component, spec.prefix)
             parts_of[part] = spec.prefix
-    ckpt = Checkpoint(root, "diffusers", shapes, dtypes, family=family, _reader=reader)
+    ckpt = Checkpoint(root, "diffusers", shapes, dtypes, family=family.name, _reader=reader)
     ckpt.parts = {p: {k[len(pre):]: k for k in shapes if k.startswith(pre)} for p, pre in parts_of.items()}
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():

@@ -4,7 +4,8 @@ CONTRACT (the trainer and the CLI build on exactly these names):
 
     sd = minti.load(path, dtype=torch.float16, device="cuda", prediction=None, ema=False,
                     components=("unet", "vae", "text"), weights=None)
-    sd.family            "sd1" | "sd2" | "sdxl"; its facts: minti.loading.families.FAMILIES[sd.family]
+    sd.family            "sd1" | "sd2" | "sdxl"
+    sd.family_facts      its row of the family table: minti.loading.families.FAMILIES[sd.family]
     sd.prediction        "eps" | "v";  sd.prediction_guessed: bool
     sd.dtype, sd.device
     sd.weights           None | "fp8": how the UNet's and text encoders' Linear/Conv weights are stored
@@ -21,10 +22,12 @@ CONTRACT (the trainer and the CLI build on exactly these names):
         >= vocab_size whose vectors come from `extra` below.
     sd.tokenize(prompts: list[str]) -> list[LongTensor [B,77]]    one per encoder
     sd.encode_tokens(tokens, extra: list[Tensor [n, dim]] | None = None) -> (context, pooled)
-        context [B,77,768|1024|2048]; pooled [B,1280] for sdxl else None.
+        context [B,77,768|1024|2048]; pooled [B,1280] for a family with pooled conditioning (SDXL) else None.
         Gradients flow into `extra` only.
     sd.encode_text(prompts, extra=None) -> (context, pooled)   = encode_tokens(tokenize(prompts), extra)
     sd.sdxl_vector(pooled, original_size=(H, W), crop=(0, 0), target_size=(H, W)) -> y [B,2816]
+    sd.size_condition(pooled, original_size, crop=(0, 0), target_size=None) -> y or None
+        the UNet's y: sdxl_vector for a family with size conditioning (SDXL), None for the others
     sd.encode_image(pixels [B,3,H,W] in [-1,1], sample=False, generator=None) -> scaled latents
     sd.decode_latents(z) -> pixels in [-1,1]
     sd.offload_vae() / sd.restore_vae(device)  move the VAE off / back onto the device
@@ -53,12 +56,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from minti.loading.checkpoint import UNUSED_SUFFIXES, Checkpoint, CheckpointError, guess_prediction, open_checkpoint
-from minti.loading.families import FAMILIES, Config
+from minti.loading.checkpoint import UNUSED_SUFFIXES, Checkpoint, open_checkpoint, summarize_ignored
+from minti.loading.detect import CheckpointError, guess_prediction
+from minti.loading.families import FAMILIES, Config, Family
+from minti.loading.tokenizer import Tokenizer
+from minti.models.clip import build_text_encoder
+from minti.models.fp8 import load_per_tensor, use_fp8_weights
+from minti.models.unet import UNet, sdxl_conditioning_vector
+from minti.models.vae import AutoencoderKL
 
 PARTS = ("unet", "vae", "text")
 SDXL_SIZE_EMBEDDINGS = 6 * 256  # original size, crop and target size, 2 numbers each, 256 features per number
@@ -67,15 +77,9 @@ _PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "
 
 def _build(part: str, cfg: Config) -> nn.Module:
     if part == "unet":
-        from minti.models.unet import UNet
-
         return UNet(cfg)
     if part == "vae":
-        from minti.models.vae import AutoencoderKL
-
         return AutoencoderKL(cfg)
-    from minti.models.clip import build_text_encoder
-
     return build_text_encoder(cfg)
 
 
@@ -119,8 +123,6 @@ def _fill(ckpt: Checkpoint, part: str, module: nn.Module, dtype: torch.dtype, de
     if device.type == "meta":
         return
     if fp8:
-        from minti.models.fp8 import load_per_tensor
-
         load_per_tensor(module, ckpt.read(part, names, dtype, device))
     else:
         module.load_state_dict(dict(ckpt.read(part, names, dtype, device)), strict=True, assign=True)
@@ -147,7 +149,7 @@ class StableDiffusion:
         self.unet = unet
         self.vae = vae
         self._vae_home = vae  # the VAE while offloaded (sd.vae is None then)
-        self.vae_scale = FAMILIES[family].vae_scale
+        self.vae_scale = self.family_facts.vae_scale
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.source = ckpt.path
@@ -157,9 +159,14 @@ class StableDiffusion:
         self._n_extra = 0  # placeholder ids handed out so far (they start at vocab_size)
 
     @property
+    def family_facts(self) -> Family:
+        """The family's row of the table (minti.loading.families): what the weights cannot tell."""
+        return FAMILIES[self.family]
+
+    @property
     def default_size(self) -> int:
         """The resolution the family's models of this prediction type were trained at."""
-        return FAMILIES[self.family].default_size(self.prediction)
+        return self.family_facts.default_size(self.prediction)
 
     # -- text ---------------------------------------------------------------------------------------
     @property
@@ -183,7 +190,8 @@ class StableDiffusion:
 
     def encode_tokens(self, tokens: list[torch.Tensor], extra: list[torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (one tensor per encoder) -> (context [B,77,D], pooled [B,P] for SDXL else None).
+        """Token ids (one tensor per encoder) -> (context [B,77,D], pooled [B,P] for a family with
+        pooled conditioning (SDXL) else None).
         `extra[i]` holds the vectors of the placeholder ids of encoder i; only it gets gradients."""
         if not self.text_encoders:
             raise RuntimeError("this StableDiffusion was loaded without its text encoders (components=)")
@@ -196,7 +204,7 @@ class StableDiffusion:
             hiddens.append(h)
             pooled = p  # SDXL: the pooled output is bigG's, the last encoder's
         context = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens, dim=-1)
-        return context, (pooled if self.family == "sdxl" else None)
+        return context, (pooled if self.family_facts.pooled_conditioning else None)
 
     def encode_text(self, prompts: list[str], extra: list[torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,12 +213,19 @@ class StableDiffusion:
     def sdxl_vector(self, pooled: torch.Tensor, original_size: tuple[int, int], crop: tuple[int, int] = (0, 0),
                     target_size: tuple[int, int] | None = None) -> torch.Tensor:
         """SDXL's y: pooled text and the size/crop embeddings -> [B, 2816] (adm_in_channels)."""
-        from minti.models.unet import sdxl_conditioning_vector
-
-        if self.family != "sdxl":
+        if not self.family_facts.size_conditioning:
             raise ValueError(f"sdxl_vector is for SDXL; this is an {self.family} model (its UNet takes no y)")
         return sdxl_conditioning_vector(pooled, tuple(original_size), tuple(crop),
                                         tuple(target_size if target_size is not None else original_size))
+
+    def size_condition(self, pooled: torch.Tensor | None, original_size: tuple[int, int],
+                       crop: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None
+                       ) -> torch.Tensor | None:
+        """The UNet's y for an image of original_size cropped at crop to target_size: SDXL's vector
+        (sdxl_vector) for a family with size conditioning, None for a family without (no y)."""
+        if not self.family_facts.size_conditioning:
+            return None
+        return self.sdxl_vector(pooled, original_size, crop, target_size)
 
     # -- images --------------------------------------------------------------------------------------
     def _need_vae(self):
@@ -246,13 +261,12 @@ class StableDiffusion:
     # -- inspect -------------------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:
         out = {"unet": self.unet, "vae": self._vae_home}
-        names = ["text"] if len(self.text_encoders) == 1 else ["text_clip_l", "text_openclip_bigg"]
+        facts = self.family_facts
+        names = [facts.parts[p].described_as or p for p in facts.text_parts]
         out.update(zip(names, self.text_encoders))
         return {k: m for k, m in out.items() if m is not None}
 
     def describe(self) -> dict:
-        from minti.loading.checkpoint import summarize_ignored
-
         params = {name: sum(p.numel() for p in m.parameters()) for name, m in self.parts().items()}
         return {
             "source": str(self.source),
@@ -272,8 +286,6 @@ class StableDiffusion:
 
 
 def _tokenizers(ckpt: Checkpoint, configs: list) -> list:
-    from minti.loading.tokenizer import Tokenizer
-
     out = []
     for folder, cfg in zip(("tokenizer", "tokenizer_2"), configs):
         path = ckpt.path / folder
@@ -295,7 +307,7 @@ def load(path: str | Path, dtype: torch.dtype | None = torch.float16, device: to
 
     dtype: weights are cast to it while loading (None: keep the file's dtype).
     device: default cuda when available, else cpu; "meta" reads shapes only (for inspect).
-    prediction: "eps" | "v" to override the guess (the weights cannot tell; see checkpoint.py).
+    prediction: "eps" | "v" to override the guess (the weights cannot tell; see detect.py).
     ema: take the UNet from the file's model_ema.* copy (non-pruned LDM files).
     components: any of "unet", "vae", "text"; skip what you do not need (e.g. after caching latents).
     weights: None keeps every weight in dtype; "fp8" stores the UNet's and text encoders'
@@ -347,8 +359,6 @@ def from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None, device: torch.d
                 raise CheckpointError(ckpt.path, message) from None
             fp8 = _quantizable(part, weights)
             if fp8:
-                from minti.models.fp8 import use_fp8_weights
-
                 use_fp8_weights(module)  # still on meta: the layers quantise what _fill hands them
             _fill(ckpt, part, module, family.part_dtype(part, dtype), device, fp8)
             modules[part] = module.eval().requires_grad_(False)
@@ -438,10 +448,6 @@ def random_model(family: str, dtype: torch.dtype = torch.float16, device: torch.
     the benchmarks run (memory and speed do not depend on the values). device="meta" allocates
     nothing. Without `prediction`, a family that ships v models (SD 2.x) gets v. weights="fp8" as
     in load (quantised from the random full-precision weights, one part at a time)."""
-    from types import SimpleNamespace
-
-    from minti.models.fp8 import use_fp8_weights
-
     _check_weights(weights)
     spec = FAMILIES[family]
     device = torch.device(device)
@@ -459,16 +465,10 @@ def random_model(family: str, dtype: torch.dtype = torch.float16, device: torch.
         modules[part] = module.eval().requires_grad_(False)
     fake = SimpleNamespace(path=Path(f"<random {family}>"), dtype=dtype, format="random", ignored=[])
     text = [modules[p] for p in spec.text_parts]
-    tokenizers = [_openclip_tokenizer(enc.cfg.pad_token_id) for enc in text]
+    tokenizers = [Tokenizer.from_openclip_vocab(enc.cfg.pad_token_id) for enc in text]
     pred = prediction or ("v" if spec.v_size else "eps")
     return StableDiffusion(fake, family, pred, prediction is None, dtype, device, modules["unet"], modules["vae"],
                            text, tokenizers, weights)
-
-
-def _openclip_tokenizer(pad_token_id: int):
-    from minti.loading.tokenizer import Tokenizer
-
-    return Tokenizer.from_openclip_vocab(pad_token_id)
 
 
 @torch.no_grad()

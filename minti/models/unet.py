@@ -48,6 +48,13 @@ class UNetConfig:
     upcast_attention: bool = False  # SD 2.x: attention scores in fp32 under half precision
     norm_groups: int = 32
 
+    def attention_split(self, channels: int) -> tuple[int, int]:
+        """(heads, head dim) of the attention at a level of `channels`: SD 1.x fixes the head
+        count, SD 2.x/XL the head width."""
+        if self.head_dim:
+            return channels // self.head_dim, self.head_dim
+        return self.num_heads, channels // self.num_heads
+
     @classmethod
     def from_state_dict(cls, shapes: dict[str, tuple[int, ...]]) -> "UNetConfig":
         """Infer the config from single-file UNet key names (prefix stripped) and shapes.
@@ -289,8 +296,7 @@ class UNet(nn.Module):
                 nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
-            # SD 1.x fixes the head count, SD 2.x/XL the head width
-            heads, head_dim = (ch // cfg.head_dim, cfg.head_dim) if cfg.head_dim else (cfg.num_heads, ch // cfg.num_heads)
+            heads, head_dim = cfg.attention_split(ch)
             return SpatialTransformer(ch, heads, head_dim, depth, cfg.context_dim, cfg.use_linear_proj,
                                       groups, cfg.upcast_attention)
 

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import minti
-from minti.loading.checkpoint import CheckpointError, LightningPlaceholder, torch_load
+from minti.loading.checkpoint import LightningPlaceholder, torch_load
+from minti.loading.detect import CheckpointError
 
 TINY = Path(__file__).resolve().parents[2] / "weights" / "minti-tiny.safetensors"
 CALLBACK = "pytorch_lightning.callbacks.model_checkpoint"

@@ -8,8 +8,9 @@ import torch
 
 from checkpoints import MANIFEST, narrow_configs, make_state_dict
 from layouts import read_layout
-from minti.loading.checkpoint import DDPM_BUFFERS, detect_family
-from minti.loading.families import FAMILIES
+from minti.loading.checkpoint import DDPM_BUFFERS
+from minti.loading.detect import detect_family
+from minti.loading.families import FAMILIES, family_with_text_widths, family_with_unet
 from minti.loading.pipeline import _build, random_model
 
 FAMILY_NAMES = list(FAMILIES)
@@ -89,3 +90,46 @@ def test_random_model_of_each_family_has_the_tables_parts():
         assert [enc.cfg for enc in sd.text_encoders] == [family.parts[p].preset for p in family.text_parts]
         assert sd.unet.cfg == family.parts["unet"].preset and sd.vae.cfg == family.parts["vae"].preset
         assert (sd.prediction, sd.family) == ("v" if name == "sd2" else "eps", name)
+
+
+def test_only_sdxl_has_pooled_and_size_conditioning_and_buckets_by_default():
+    facts = {n: (f.label, f.pooled_conditioning, f.size_conditioning, f.buckets_by_default) for n, f in FAMILIES.items()}
+    assert facts == {"sd1": ("SD 1.x", False, False, False), "sd2": ("SD 2.x", False, False, False),
+                     "sdxl": ("SDXL", True, True, True)}
+
+
+def test_kernel_shapes_are_the_real_unets_first_and_deepest_attention_levels_and_widest_text_tower():
+    # by hand from the released models: (heads, head dim, latent downsampling) of the first and the
+    # deepest input level with attention, the widest text encoder's (heads, head dim), and the
+    # channels at the first attention level
+    want = {"sd1": ((8, 40, 1), (8, 160, 4), (12, 64), 320),
+            "sd2": ((5, 64, 1), (20, 64, 4), (16, 64), 320),
+            "sdxl": ((10, 64, 2), (20, 64, 4), (20, 64), 640)}
+    got = {n: (tuple(s.first_attention), tuple(s.deepest_attention), s.text, s.channels)
+           for n, s in ((n, f.kernel_shapes) for n, f in FAMILIES.items())}
+    assert got == want
+
+
+def test_largest_size_is_the_largest_resolution_a_familys_releases_trained_at():
+    assert {n: f.largest_size for n, f in FAMILIES.items()} == {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+@pytest.mark.parametrize("dims, name", [([768], "sd1"), ([1024], "sd2"), ([768, 1280], "sdxl"),
+                                        ([1280], None), ([1280, 768], None), ([], None)])
+def test_family_with_text_widths_finds_the_family_whose_text_encoders_are_that_wide(dims, name):
+    family = family_with_text_widths(dims)
+    assert (family.name if family else None) == name
+
+
+@pytest.mark.parametrize("label_emb, linear_proj, name", [
+    (False, False, "sd1"), (False, True, "sd2"), (True, True, "sdxl"),
+    (True, False, "sdxl"),  # label_emb decides first, as detection always has
+])
+def test_family_with_unet_reads_label_emb_first_then_proj_in(label_emb, linear_proj, name):
+    assert family_with_unet(label_emb, linear_proj).name == name
+
+
+def test_describe_names_each_text_encoder_as_the_table_does():
+    names = {n: list(random_model(n, torch.float16, "meta").parts()) for n in FAMILIES}
+    assert names == {"sd1": ["unet", "vae", "text"], "sd2": ["unet", "vae", "text"],
+                     "sdxl": ["unet", "vae", "text_clip_l", "text_openclip_bigg"]}

@@ -11,7 +11,8 @@ import torch
 import minti
 from checkpoints import diffusers_models, make_diffusers_folder, make_single_file, single_file_from_diffusers
 from checkpoints import make_state_dict as _make_state_dict
-from minti.loading.checkpoint import CheckpointError
+from minti.loading import families
+from minti.loading.detect import CheckpointError
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk"]
@@ -151,6 +152,23 @@ def test_placeholder_ids_start_at_vocab_size_and_only_extra_gets_gradients(files
     assert all(p.grad is None for m in sd.text_encoders for p in m.parameters())
     # changing the placeholder vectors changes the conditioning; the plain prompt does not move
     assert not torch.equal(context, sd.encode_tokens(tokens, [e * 2 for e in extra])[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_size_condition_is_sdxls_vector_for_sdxl_and_no_y_for_the_others(files, family):
+    sd = minti.load(files[family], dtype=torch.float32, device="cpu", components=("text",))
+    assert sd.family_facts is families.FAMILIES[family]
+    _, pooled = sd.encode_text(PROMPTS)
+    y = sd.size_condition(pooled, original_size=(96, 64), crop=(8, 0), target_size=(64, 64))
+    if family != "sdxl":
+        assert pooled is None and y is None
+        with pytest.raises(ValueError, match="sdxl_vector is for SDXL"):
+            sd.sdxl_vector(torch.zeros(2, 4), (64, 64))
+        return
+    assert y.shape == (2, pooled.shape[1] + 6 * 256)
+    assert torch.equal(y, sd.sdxl_vector(pooled, (96, 64), (8, 0), (64, 64)))
+    assert torch.equal(y[:, :pooled.shape[1]], pooled)
+    assert not torch.equal(y, sd.size_condition(pooled, original_size=(64, 64), target_size=(64, 64)))
 
 
 def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):

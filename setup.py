@@ -15,6 +15,7 @@ setup(
     # minti.kernels: a PyPI package named `kernels` exists and must never be shadowed.
     packages=["minti", "minti.models", "minti.loading", "minti.training", "minti.cli", "minti.demo", "minti.kernels"],
     package_dir={"minti": "minti", "minti.kernels": "kernels"},
+    package_data={"minti.kernels": ["register_budget.json"]},  # the measured register budget the kernels read
     install_requires=[
         "torch>=2.4",
         # Triton wheels exist for Linux and Windows only; macOS/CPU installs use the torch path.

@@ -14,13 +14,17 @@ per step without classifier-free guidance.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import minti.kernels.attention_triton as attention_triton
+import minti.kernels.configs as configs
+from minti.kernels import flash_attention
 
 # (model, block, heads, Nq, D) for every attention resolution of the UNet; each runs as
 # self-attention (Nk = Nq) and as cross-attention to the 77 text tokens.
@@ -43,8 +47,6 @@ def _flops(b: int, h: int, nq: int, nk: int, d: int, backward: bool) -> float:
 
 
 def _sdpa(backend):
-    from torch.nn.attention import sdpa_kernel
-
     def run(q, k, v):
         with sdpa_kernel([backend]):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -53,7 +55,7 @@ def _sdpa(backend):
 
 def _time(fn, q, k, v, do, backward: bool) -> float | None:
     """Median ms, or None when the implementation rejects the shape/dtype."""
-    import triton.testing
+    import triton.testing  # Triton is optional: only a CUDA run (which has it) gets here
 
     try:
         out = fn(q, k, v)
@@ -77,25 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/attention.py needs CUDA (it times GPU kernels); nothing to do here.")
         return 0
-    from torch.nn.attention import SDPBackend
-
-    from minti.kernels import flash_attention
-    # The module, not the function of the same name that minti.kernels exports.
-    fa = importlib.import_module("minti.kernels.flash_attention")
-
     def minti(split: bool = True, one_pass: bool = True):
         # The flags are read at each launch, the backward's included: set them on every call.
         def run(q, k, v):
-            fa.SPLIT_HEAD_DIM, fa.ONE_PASS_BACKWARD = split, one_pass
+            configs.SPLIT_HEAD_DIM, attention_triton.ONE_PASS_BACKWARD = split, one_pass
             return flash_attention(q, k, v, backend="triton")
         return run
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     impls = {
         "minti": minti(),
-        # The A/B for two choices in kernels/flash_attention.py: head dims that are not a
-        # power of two padded to one instead of split into two pieces (_head_pieces), and
-        # the backward's dQ in a second pass instead of atomics (_one_pass_backward).
+        # The A/B for two choices of the Triton path: head dims that are not a power of two
+        # padded to one instead of split into two pieces (configs.head_pieces), and the
+        # backward's dQ in a second pass instead of atomics (attention_triton.ONE_PASS_BACKWARD).
         "minti_padded": minti(split=False),
         "minti_two_pass": minti(one_pass=False),
         "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
@@ -129,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = []
             # Nothing to compare where both layouts are the same (D a power of two), or for the
             # backward's variant forward-only.
-            same_tiles = fa._head_pieces(d, split=True) == fa._head_pieces(d, split=False)
+            same_tiles = configs.head_pieces(d, split=True) == configs.head_pieces(d, split=False)
             for name, fn in impls.items():
                 for mode, backward in (("fwd", False), ("fwd_bwd", True)):
                     unused = (name == "minti_padded" and same_tiles) or (name == "minti_two_pass" and not backward)
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what}, fwd+bwd ({other} ms / minti ms; > 1: minti's default pays):"
                   + "".join(f"\n  {r['model']} {r['block']} {r['kind']} D={r['head_dim']}: "
                             f"{r[f'{other}_fwd_bwd_ms'] / r['minti_fwd_bwd_ms']:.2f}" for r in compared))
-    fa.SPLIT_HEAD_DIM, fa.ONE_PASS_BACKWARD = True, True
+    configs.SPLIT_HEAD_DIM, attention_triton.ONE_PASS_BACKWARD = True, True
     save(complete=True)
     print(f"wrote {path}")
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import re
 import subprocess
@@ -45,11 +44,11 @@ import triton  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 
-import minti.kernels as kernels  # noqa: E402
-
-fa = importlib.import_module("minti.kernels.flash_attention")
-gn = importlib.import_module("minti.kernels.group_norm_silu")
-gg = importlib.import_module("minti.kernels.geglu")
+import minti.kernels.attention_triton as attention  # noqa: E402
+import minti.kernels.configs as configs  # noqa: E402
+from minti.kernels.geglu import CUDA_BLOCK, geglu_bwd, geglu_fwd  # noqa: E402
+from minti.kernels.group_norm_silu import (CUDA_CHUNK, gn_bwd_dx, gn_bwd_merge, gn_bwd_sums, gn_fwd,  # noqa: E402
+                                           gn_merge, gn_stats)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -207,14 +206,14 @@ def attention_launches(site: AttentionSite, dtype: torch.dtype):
     # The models hand q/k/v over as [B, N, H, D] viewed as [B, H, N, D].
     sq = dict(zip(("b", "h", "m", "d"), (nq * h * d, d, h * d, 1)))
     sk = dict(zip(("b", "h", "m", "d"), (nk * h * d, d, h * d, 1)))
-    pieces = dict(D=d, **fa._pieces_kwargs(d), CAUSAL=site.causal, PRECISION=fa._precision(dtype))
+    pieces = dict(D=d, **attention.piece_args(d), CAUSAL=site.causal, PRECISION=attention.precision(dtype))
     strides = dict(sqb=sq["b"], sqh=sq["h"], sqm=sq["m"], sqd=1, skb=sk["b"], skh=sk["h"], skn=sk["m"], skd=1,
                    svb=sk["b"], svh=sk["h"], svn=sk["m"], svd=1)
     fwd = dict(Q=t, K=t, V=t, O=t, LSE=f32, **strides, sob=nq * h * d, soh=nq * d, som=d, sod=1,
                H=h, Nq=nq, Nk=nk, scale=d ** -0.5, **pieces)
     bwd = dict(Q=t, K=t, V=t, DO=t, LSE=f32, DELTA=f32, **strides, sdb=nq * h * d, sdh=nq * d, sdm=d, sdd=1,
                H=h, Nq=nq, Nk=nk, scale=d ** -0.5, **pieces)
-    yield "attn_fwd", fa._attn_fwd, fwd, "fwd"
+    yield "attn_fwd", attention.attn_fwd, fwd, "fwd"
     for atomic in (True, False):
         # split query ranges write fp32 partial dK/dV; a single range (SPLITS=1, which Triton
         # specialises into another binary) writes them in the inputs' dtype (_triton_bwd)
@@ -222,8 +221,8 @@ def attention_launches(site: AttentionSite, dtype: torch.dtype):
             out = _tensor(torch.float32) if splits > 1 else t
             args = dict(bwd, DK=out, DV=out, DQ=f32 if atomic else t, SPLITS=splits, DQ_ATOMIC=atomic)
             name = f"attn_bwd_dkdv{'' if atomic else '_2pass'}{'' if splits > 1 else '_1range'}"
-            yield name, fa._attn_bwd_dkdv, args, "bwd_dkdv"
-    yield "attn_bwd_dq_2pass", fa._attn_bwd_dq, dict(bwd, DQ=t), "bwd_dq"
+            yield name, attention.attn_bwd_dkdv, args, "bwd_dkdv"
+    yield "attn_bwd_dq_2pass", attention.attn_bwd_dq, dict(bwd, DQ=t), "bwd_dq"
 
 
 def shape_classes(sites: list[AttentionSite]) -> list[AttentionSite]:
@@ -238,77 +237,55 @@ def attention_rows(targets, dtypes, all_configs: bool, head_dims=None, one_per_c
     for target, limits in targets.items():
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            if not kernels.dtype_supported(dtype, limits):
+            if not configs.dtype_supported(dtype, limits):
                 continue
             for site in sites:
                 for name, fn, args, kind in attention_launches(site, dtype):
-                    configs = fa.ATTENTION_CONFIGS[kind] if all_configs else fa.usable_configs(kind, site.d, dtype, limits)
-                    configs = configs[-1:] if smallest_only else configs  # the lists run from large to small
-                    estimates = [fa.shared_bytes_estimate(kind, c, site.d, dtype) for c in configs]
+                    chosen = (configs.ATTENTION_CONFIGS[kind] if all_configs
+                              else configs.usable_configs(kind, site.d, dtype, limits))
+                    chosen = chosen[-1:] if smallest_only else chosen  # the lists run from large to small
+                    estimates = [configs.shared_bytes_estimate(kind, c, site.d, dtype) for c in chosen]
                     yield (target, dtype_name, name, f"{site.model} {site.nq}x{site.nk} d{site.d}", fn, args,
-                           list(zip(configs, estimates)))
+                           list(zip(chosen, estimates)))
 
 
 SD_HEAD_DIMS = (40, 64, 80, 160)  # SD 1.x: 40, 80, 160; SD 2.x, SDXL and every text encoder: 64
 
 
 def derive(targets, dtypes) -> dict:
-    """WIDEST_CLEAN as measured on these targets: every ATTENTION_CONFIGS candidate compiled at
-    the self-attention site of each SD head dim, narrowest first, until one spills, fails, or
-    needs more shared memory than the target has or than the pruning estimates; a config's entry is the widest head-dim width
-    (summed pieces) reached, 0 for none. Both dK/dV kernels count for "bwd_dkdv". Targets of one
+    """The register budget (configs.WIDEST_CLEAN's rows) as measured on these targets: every
+    ATTENTION_CONFIGS candidate compiled at the self-attention site of each SD head dim,
+    narrowest first, until one spills, fails, or needs more shared memory than the target has
+    or than the pruning estimates; a config's entry is the widest head-dim width (summed
+    pieces) reached, 0 for none. Both dK/dV kernels count for "bwd_dkdv". Targets of one
     class keep the smallest width any of them reached."""
     sites = {s.d: s for s in shape_classes(attention_sites()) if not s.causal and s.nk != 77}
-    head_dims = sorted(SD_HEAD_DIMS, key=lambda d: sum(fa._head_pieces(d)))
+    head_dims = sorted(SD_HEAD_DIMS, key=lambda d: sum(configs.head_pieces(d)))
     table: dict = {}
     for target, limits in targets.items():
         cc = limits.capability[0] * 10 + limits.capability[1]
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            if not kernels.dtype_supported(dtype, limits):
+            if not configs.dtype_supported(dtype, limits):
                 continue
-            row = table.setdefault(fa.target_class(limits.capability), {}).setdefault(fa._operand_kind(dtype), {})
-            for kind, configs in fa.ATTENTION_CONFIGS.items():
-                for config in configs:
+            row = table.setdefault(configs.target_class(limits.capability), {}).setdefault(configs.operand_kind(dtype), {})
+            for kind, candidates in configs.ATTENTION_CONFIGS.items():
+                for config in candidates:
                     block_m, block_n, warps, stages = config
                     widest = 0
                     for d in head_dims:
-                        estimate = fa.shared_bytes_estimate(kind, config, d, dtype)
+                        estimate = configs.shared_bytes_estimate(kind, config, d, dtype)
                         if estimate > limits.shared_bytes:
                             break
                         results = [compile_one(fn, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n}, cc, warps, stages)
                                    for _, fn, args, k in attention_launches(sites[d], dtype) if k == kind]
                         if not all(r.ok and not r.spill and r.shared <= estimate for r in results):
                             break
-                        widest = sum(fa._head_pieces(d))
+                        widest = sum(configs.head_pieces(d))
                     widths = row.setdefault(kind, {})
                     widths[config] = min(widest, widths.get(config, widest))
                     print(f"{target} {dtype_name} {kind} {config}: widest clean {widest}", file=sys.stderr, flush=True)
     return table
-
-
-def format_table(table: dict) -> str:
-    """WIDEST_CLEAN's source text, configs in ATTENTION_CONFIGS order, those that reached no width left out."""
-    lines = ["WIDEST_CLEAN = {"]
-    for cls, operands in table.items():
-        lines.append(f'    "{cls}": {{')
-        for operand, kinds in operands.items():
-            lines.append(f'        "{operand}": {{')
-            for kind, widths in kinds.items():
-                line = f'            "{kind}": {{'
-                indent = " " * len(line)
-                entries = [f"{c}: {w}" for c, w in widths.items() if w]
-                for i, entry in enumerate(entries):
-                    piece = entry + (", " if i < len(entries) - 1 else "},")
-                    if len(line) + len(piece.rstrip()) > 116:
-                        lines.append(line.rstrip())
-                        line = indent
-                    line += piece
-                lines.append(line if entries else line + "},")
-            lines.append("        },")
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines)
 
 
 def small_kernel_rows(targets, dtypes, one_size: bool = False):
@@ -316,35 +293,35 @@ def small_kernel_rows(targets, dtypes, one_size: bool = False):
     for target, limits in targets.items():
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            if not kernels.dtype_supported(dtype, limits):
+            if not configs.dtype_supported(dtype, limits):
                 continue
             t, f32 = _tensor(dtype), _tensor(torch.float32)
-            chunk = gn.CUDA_CHUNK
+            chunk = CUDA_CHUNK
             for model, c, g, s in norm_sizes()[-1:] if one_size else norm_sizes():
                 m = c // g * s
                 n_chunks = triton.cdiv(m, chunk)
                 shape = f"{model} C{c} {int(s ** 0.5)}^2"
                 common = dict(M=m, S=s, C=c, G=g, CHUNK=chunk)
                 launches = [
-                    ("gn_stats", gn._gn_stats, dict(X=t, COUNT=f32, MEAN=f32, M2=f32, M=m, n_chunks=n_chunks, CHUNK=chunk)),
-                    ("gn_merge", gn._gn_merge, dict(COUNT=f32, CMEAN=f32, M2=f32, MEAN=f32, RSTD=f32, M=m,
+                    ("gn_stats", gn_stats, dict(X=t, COUNT=f32, MEAN=f32, M2=f32, M=m, n_chunks=n_chunks, CHUNK=chunk)),
+                    ("gn_merge", gn_merge, dict(COUNT=f32, CMEAN=f32, M2=f32, MEAN=f32, RSTD=f32, M=m,
                                                     n_chunks=n_chunks, eps=1e-5, N_CHUNKS=triton.next_power_of_2(n_chunks))),
-                    ("gn_fwd", gn._gn_fwd, dict(X=t, W=t, B=t, MEAN=f32, RSTD=f32, OUT=t, SILU=True, **common)),
-                    ("gn_bwd_sums", gn._gn_bwd_sums, dict(X=t, DOUT=t, W=t, B=t, MEAN=f32, RSTD=f32, SUM1=f32, SUM2=f32,
+                    ("gn_fwd", gn_fwd, dict(X=t, W=t, B=t, MEAN=f32, RSTD=f32, OUT=t, SILU=True, **common)),
+                    ("gn_bwd_sums", gn_bwd_sums, dict(X=t, DOUT=t, W=t, B=t, MEAN=f32, RSTD=f32, SUM1=f32, SUM2=f32,
                                                           n_chunks=n_chunks, SILU=True, **common)),
-                    ("gn_bwd_merge", gn._gn_bwd_merge, dict(SUM1=f32, SUM2=f32, C1=f32, C2=f32, M=m, n_chunks=n_chunks,
+                    ("gn_bwd_merge", gn_bwd_merge, dict(SUM1=f32, SUM2=f32, C1=f32, C2=f32, M=m, n_chunks=n_chunks,
                                                             N_CHUNKS=triton.next_power_of_2(n_chunks))),
-                    ("gn_bwd_dx", gn._gn_bwd_dx, dict(X=t, DOUT=t, W=t, B=t, MEAN=f32, RSTD=f32, C1=f32, C2=f32, DX=t,
+                    ("gn_bwd_dx", gn_bwd_dx, dict(X=t, DOUT=t, W=t, B=t, MEAN=f32, RSTD=f32, C1=f32, C2=f32, DX=t,
                                                       SILU=True, **common)),
                 ]
                 for name, fn, args in launches:
                     yield target, dtype_name, name, shape, fn, args, [((0, 0, 4, 3), None)]
             for model, rows, width in geglu_sizes()[:1] if one_size else geglu_sizes():
                 f = width // 2
-                args = dict(X=t, OUT=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=gg.CUDA_BLOCK)
-                yield target, dtype_name, "geglu_fwd", f"{model} {rows}x{width}", gg._geglu_fwd, args, [((0, 0, 4, 3), None)]
-                args = dict(X=t, DOUT=t, DX=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=gg.CUDA_BLOCK)
-                yield target, dtype_name, "geglu_bwd", f"{model} {rows}x{width}", gg._geglu_bwd, args, [((0, 0, 4, 3), None)]
+                args = dict(X=t, OUT=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=CUDA_BLOCK)
+                yield target, dtype_name, "geglu_fwd", f"{model} {rows}x{width}", geglu_fwd, args, [((0, 0, 4, 3), None)]
+                args = dict(X=t, DOUT=t, DX=t, n_out=rows * f, F_half=f, stride_row=width, BLOCK=CUDA_BLOCK)
+                yield target, dtype_name, "geglu_bwd", f"{model} {rows}x{width}", geglu_bwd, args, [((0, 0, 4, 3), None)]
 
 
 # ----------------------------------------------------------------------------- sweep and report
@@ -364,13 +341,13 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
         rows = [row for row in rows if row[2] in singles]
     stats = defaultdict(lambda: dict(configs=0, failed=0, over=0, hot=0, cold=0, shared=0, regs=0, spill=0))
     problems, notes = [], []
-    for target, dtype_name, name, shape, fn, args, configs in rows:
-        limits = kernels.TARGET_LIMITS[target]
+    for target, dtype_name, name, shape, fn, args, selectable in rows:
+        limits = configs.TARGET_LIMITS[target]
         s = stats[(target, dtype_name, name)]
-        if not configs:
+        if not selectable:
             problems.append(f"{target} {dtype_name} {name} {shape}: no selectable config")
         clean = False  # some selectable config of this launch compiles without a single spill
-        for (block_m, block_n, warps, stages), estimate in configs:
+        for (block_m, block_n, warps, stages), estimate in selectable:
             blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n} if block_m else {}
             r = compile_one(fn, {**args, **blocks}, limits.capability[0] * 10 + limits.capability[1], warps, stages)
             s["configs"] += 1
@@ -395,7 +372,7 @@ def sweep(targets, dtypes, kernel_names, all_configs: bool = False, verbose: boo
             if verbose:
                 print(f"{where}: shared {r.shared}, regs {r.regs}, stack {r.stack}, spill {r.spill} "
                       f"({r.hot_spill} in loops)", flush=True)
-        if configs and not clean and not smallest_only:  # --smallest-only compiles one config of several
+        if selectable and not clean and not smallest_only:  # --smallest-only compiles one config of several
             problems.append(f"{target} {dtype_name} {name} {shape}: every selectable config spills")
     return stats, problems, notes
 
@@ -405,7 +382,7 @@ def table(stats) -> str:
              "| max shared (limit) | max regs | max spill B |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (target, dtype_name, name), s in sorted(stats.items()):
-        limit = kernels.TARGET_LIMITS[target].shared_bytes
+        limit = configs.TARGET_LIMITS[target].shared_bytes
         lines.append(f"| {target} | {dtype_name} | {name} | {s['configs']} | {s['failed']} | {s['over']} | {s['hot']} | "
                      f"{s['cold']} | {s['shared'] // 1024} KiB ({limit // 1024}) | {s['regs']} | {s['spill']} |")
     return "\n".join(lines)
@@ -413,7 +390,7 @@ def table(stats) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--targets", default=",".join(kernels.TARGET_LIMITS), help="comma-separated, e.g. sm_75,sm_86")
+    p.add_argument("--targets", default=",".join(configs.TARGET_LIMITS), help="comma-separated, e.g. sm_75,sm_86")
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--kernels", default="attention,small",
                    help="attention, small (GroupNorm+SiLU and GEGLU), or kernels by name (attn_fwd, geglu_bwd, ...)")
@@ -426,11 +403,19 @@ def main(argv=None) -> int:
                    help="only the last (smallest) selectable attention config per site")
     p.add_argument("--one-size", action="store_true", help="GroupNorm+SiLU and GEGLU at one size each")
     p.add_argument("--derive", action="store_true",
-                   help="measure the register budget instead: print WIDEST_CLEAN for --targets and --dtypes")
+                   help="measure the register budget instead, for --targets and --dtypes, into --budget")
+    p.add_argument("--budget", default=str(configs.REGISTER_BUDGET_FILE),
+                   help="the register budget file --derive rewrites: the classes and operand kinds it measured "
+                        "are replaced, the others and the overrides kept (default: the one the kernels read)")
     args = p.parse_args(argv)
-    targets = {t: kernels.TARGET_LIMITS[t] for t in args.targets.split(",")}
+    targets = {t: configs.TARGET_LIMITS[t] for t in args.targets.split(",")}
     if args.derive:
-        print(format_table(derive(targets, args.dtypes.split(","))))
+        measured = derive(targets, args.dtypes.split(","))
+        budget = configs.load_register_budget(args.budget).with_measured(measured)
+        with open(args.budget, "w") as f:
+            f.write(budget.dumps())
+        rows = ", ".join(f"{cls} {operand}" for cls, operands in measured.items() for operand in operands)
+        print(f"wrote {args.budget}: measured {rows or 'nothing'}; {len(budget.overrides)} overrides kept")
         return 0
     head_dims = {int(d) for d in args.head_dims.split(",")} if args.head_dims else None
     start = time.time()

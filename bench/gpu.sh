@@ -74,6 +74,7 @@ for name in ("triton", "transformers", "diffusers"):
         print(f"{name}: NOT importable ({type(e).__name__}: {e})")
 from minti.loading.tokenizer import openclip_vocab_path
 import minti.kernels
+import minti.models.backends
 print(f"minti {__import__('minti').__version__}, CLIP vocabulary {openclip_vocab_path()}")
 EOF
 [ $? -eq 0 ] || failed+=("imports")

@@ -12,15 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import minti.kernels as _k
+from minti.kernels.launch import INTERPRETED, acc_dtype, check_path, check_triton_runs, new_output, with_fallback
 
-try:
+try:  # Triton is optional (no wheels for macOS): the torch path still works
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs (macOS): the torch path still works
+except ImportError:
     triton = None
-
-_INTERPRET = _k.triton_interpreted()  # fixed when the kernels below are decorated
 
 
 def geglu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -36,22 +34,18 @@ def geglu_reference(x: torch.Tensor) -> torch.Tensor:
 # plain autograd over a * gelu(gate) would also keep gelu(gate), [..., F] per call.
 
 def _torch_fwd(x: torch.Tensor) -> torch.Tensor:
-    a, gate = x.to(_acc_dtype(x.dtype)).chunk(2, dim=-1)
+    a, gate = x.to(acc_dtype(x.dtype)).chunk(2, dim=-1)
     out = F.gelu(gate)
     return out.mul_(a).to(x.dtype)
 
 
 def _torch_bwd(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    a, gate = x.to(_acc_dtype(x.dtype)).chunk(2, dim=-1)
+    a, gate = x.to(acc_dtype(x.dtype)).chunk(2, dim=-1)
     dout = dout.to(a.dtype)
     da = F.gelu(gate).mul_(dout)  # d/da: gelu(gate)
     dgate = torch.ops.aten.gelu_backward(dout * a, gate)  # d/dgate: a * gelu'(gate)
     dx = torch.cat([da, dgate], dim=-1)
     return dx.to(x.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -70,14 +64,14 @@ if triton is not None:
         return offs, mask, row, col, a, g
 
     @triton.jit
-    def _geglu_fwd(X, OUT, n_out, F_half, stride_row, BLOCK: tl.constexpr):
+    def geglu_fwd(X, OUT, n_out, F_half, stride_row, BLOCK: tl.constexpr):
         """Elementwise over the [R, F] output."""
         offs, mask, row, col, a, g = _load_halves(X, n_out, F_half, stride_row, BLOCK)
         gelu = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
         tl.store(OUT + offs, (a * gelu).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _geglu_bwd(X, DOUT, DX, n_out, F_half, stride_row, BLOCK: tl.constexpr):
+    def geglu_bwd(X, DOUT, DX, n_out, F_half, stride_row, BLOCK: tl.constexpr):
         offs, mask, row, col, a, g = _load_halves(X, n_out, F_half, stride_row, BLOCK)
         do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
@@ -97,16 +91,16 @@ CUDA_BLOCK = 1024  # elements per program on a GPU (bench/compile_targets.py com
 
 
 def _block(x: torch.Tensor) -> int:
-    return CUDA_BLOCK if (x.is_cuda and not _INTERPRET) else 4096  # the interpreter likes big blocks
+    return CUDA_BLOCK if (x.is_cuda and not INTERPRETED) else 4096  # the interpreter likes big blocks
 
 
 def _triton_fwd(x: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     f = x.shape[-1] // 2
-    out = _k.new_output((*x.shape[:-1], f), x.dtype, x.device)
+    out = new_output((*x.shape[:-1], f), x.dtype, x.device)
     n = out.numel()
     block = _block(x)
-    _geglu_fwd[(triton.cdiv(n, block),)](x2, out, n, f, x2.stride(0), BLOCK=block)
+    geglu_fwd[(triton.cdiv(n, block),)](x2, out, n, f, x2.stride(0), BLOCK=block)
     return out
 
 
@@ -114,10 +108,10 @@ def _triton_bwd(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     f = x.shape[-1] // 2
     dout = dout.contiguous()
-    dx = _k.new_output(x.shape, x.dtype, x.device)
+    dx = new_output(x.shape, x.dtype, x.device)
     n = dout.numel()
     block = _block(x)
-    _geglu_bwd[(triton.cdiv(n, block),)](x2, dout, dx, n, f, x2.stride(0), BLOCK=block)
+    geglu_bwd[(triton.cdiv(n, block),)](x2, dout, dx, n, f, x2.stride(0), BLOCK=block)
     return dx
 
 
@@ -131,7 +125,7 @@ class _GEGLU(torch.autograd.Function):
         if x.is_meta:  # memory tracing: allocate what the fused kernel allocates, no temporaries
             return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
         if use_triton:
-            return _k.with_fallback("geglu", lambda: _triton_fwd(x), lambda: _torch_fwd(x))
+            return with_fallback("geglu", lambda: _triton_fwd(x), lambda: _torch_fwd(x))
         return _torch_fwd(x)
 
     @staticmethod
@@ -140,15 +134,18 @@ class _GEGLU(torch.autograd.Function):
         if x.is_meta:
             return torch.empty_like(x), None
         if ctx.use_triton:
-            dx = _k.with_fallback("geglu", lambda: _triton_bwd(x, dout), lambda: _torch_bwd(x, dout))
+            dx = with_fallback("geglu", lambda: _triton_bwd(x, dout), lambda: _torch_bwd(x, dout))
         else:
             dx = _torch_bwd(x, dout)
         return dx, None
 
 
-def geglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """a * gelu(gate) for a, gate = x.chunk(2, -1); [..., 2F] -> [..., F]. Saves only x."""
+def geglu(x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """a * gelu(gate) for a, gate = x.chunk(2, -1); [..., 2F] -> [..., F]. Saves only x.
+    backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch"."""
     if x.shape[-1] % 2:
         raise ValueError(f"geglu needs an even last dim, got {x.shape[-1]}")
-    use_triton = _k.resolve_backend(backend, x, triton is not None, _INTERPRET) == "triton"
-    return _GEGLU.apply(x, use_triton)
+    check_path("geglu", backend)
+    if backend == "triton":
+        check_triton_runs(x)
+    return _GEGLU.apply(x, backend == "triton" and not x.is_meta)  # meta: shapes only

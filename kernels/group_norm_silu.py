@@ -21,15 +21,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-import minti.kernels as _k
+from minti.kernels.launch import INTERPRETED, acc_dtype, check_path, check_triton_runs, new_output, with_fallback
 
-try:
+try:  # Triton is optional (no wheels for macOS): the torch path still works
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs (macOS): the torch path still works
+except ImportError:
     triton = None
-
-_INTERPRET = _k.triton_interpreted()  # fixed when the kernels below are decorated
 
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
@@ -48,15 +46,11 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
 # Triton path keeps, x and mean/rstd (2 * B * G fp32 values); native group norm + SiLU under
 # plain autograd would keep their output too, one more x-sized tensor per call.
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _native_args(x, weight, bias, groups: int):
     """native_group_norm's x, weight, bias, N, C, HxW, group, in the dtypes that keep the
     statistics in fp32 (fp64 for fp64): the CPU kernel takes half x with fp32 weights, other
     devices get x upcast."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa = x if x.device.type == "cpu" else x.to(acc)
     return xa, weight.to(acc), bias.to(acc), x.shape[0], x.shape[1], math.prod(x.shape[2:]), groups
 
@@ -75,7 +69,7 @@ def _torch_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool, eps: 
     if silu:  # silu'(z) at z = GroupNorm(x), recomputed
         z, _, _ = torch.ops.aten.native_group_norm(xa, wa, ba, n, c, hxw, g, eps)
         dz = torch.ops.aten.silu_backward(dz, z)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dx, _, _ = torch.ops.aten.native_group_norm_backward(dz, xa, mean.to(acc), rstd.to(acc), wa, n, c, hxw, g,
                                                          [True, False, False])
     return dx.to(x.dtype)
@@ -85,7 +79,7 @@ def _torch_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool, eps: 
 
 if triton is not None:
     @triton.jit
-    def _gn_stats(X, COUNT, MEAN, M2, M, n_chunks, CHUNK: tl.constexpr):
+    def gn_stats(X, COUNT, MEAN, M2, M, n_chunks, CHUNK: tl.constexpr):
         """Per (group, chunk): element count, mean and centred sum of squares, fp32."""
         bg = tl.program_id(0).to(tl.int64)
         ch = tl.program_id(1)
@@ -106,7 +100,7 @@ if triton is not None:
         return tl.load(PARTS + bg * n_chunks + offs, mask=offs < n_chunks, other=0.0)
 
     @triton.jit
-    def _gn_merge(COUNT, CMEAN, M2, MEAN, RSTD, M, n_chunks, eps, N_CHUNKS: tl.constexpr):
+    def gn_merge(COUNT, CMEAN, M2, MEAN, RSTD, M, n_chunks, eps, N_CHUNKS: tl.constexpr):
         """One program per group: Chan's merge of its chunk statistics into mean and rstd.
         A kernel of its own rather than torch ops: those were ten small launches per call,
         which at batch 1 cost more CPU time than the GPU work they do."""
@@ -120,7 +114,7 @@ if triton is not None:
         tl.store(RSTD + bg, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _gn_fwd(X, W, B, MEAN, RSTD, OUT, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
+    def gn_fwd(X, W, B, MEAN, RSTD, OUT, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
         bg = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
         mask = offs < M
@@ -151,7 +145,7 @@ if triton is not None:
         return dz * w, y_hat
 
     @triton.jit
-    def _gn_bwd_sums(X, DOUT, W, B, MEAN, RSTD, SUM1, SUM2, M, S, C, G, n_chunks,
+    def gn_bwd_sums(X, DOUT, W, B, MEAN, RSTD, SUM1, SUM2, M, S, C, G, n_chunks,
                      SILU: tl.constexpr, CHUNK: tl.constexpr):
         """Per (group, chunk): sum(dy_hat) and sum(dy_hat * y_hat)."""
         bg = tl.program_id(0).to(tl.int64)
@@ -164,14 +158,14 @@ if triton is not None:
         tl.store(SUM2 + bg * n_chunks + ch, tl.sum(dy * y_hat, 0))
 
     @triton.jit
-    def _gn_bwd_merge(SUM1, SUM2, C1, C2, M, n_chunks, N_CHUNKS: tl.constexpr):
-        """One program per group: the group means of dy_hat and dy_hat * y_hat (see _gn_merge)."""
+    def gn_bwd_merge(SUM1, SUM2, C1, C2, M, n_chunks, N_CHUNKS: tl.constexpr):
+        """One program per group: the group means of dy_hat and dy_hat * y_hat (see gn_merge)."""
         bg = tl.program_id(0).to(tl.int64)
         tl.store(C1 + bg, tl.sum(_group_sums(SUM1, bg, n_chunks, N_CHUNKS), 0) / M)
         tl.store(C2 + bg, tl.sum(_group_sums(SUM2, bg, n_chunks, N_CHUNKS), 0) / M)
 
     @triton.jit
-    def _gn_bwd_dx(X, DOUT, W, B, MEAN, RSTD, C1, C2, DX, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
+    def gn_bwd_dx(X, DOUT, W, B, MEAN, RSTD, C1, C2, DX, M, S, C, G, SILU: tl.constexpr, CHUNK: tl.constexpr):
         bg = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
         mask = offs < M
@@ -188,7 +182,7 @@ CUDA_CHUNK = 2048  # elements per program on a GPU (bench/compile_targets.py com
 
 
 def _chunk(x: torch.Tensor) -> int:
-    return CUDA_CHUNK if (x.is_cuda and not _INTERPRET) else 1024
+    return CUDA_CHUNK if (x.is_cuda and not INTERPRETED) else 1024
 
 
 def _triton_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
@@ -199,11 +193,11 @@ def _triton_fwd(x, weight, bias, groups: int, eps: float, silu: bool):
     n_chunks = triton.cdiv(m, chunk)
     grid = (b * groups, n_chunks)
     count, cmean, m2 = (torch.empty((b * groups, n_chunks), dtype=torch.float32, device=x.device) for _ in range(3))
-    _gn_stats[grid](x, count, cmean, m2, m, n_chunks, CHUNK=chunk)
-    mean, rstd = (_k.new_output((b, groups), torch.float32, x.device) for _ in range(2))
-    _gn_merge[(b * groups,)](count, cmean, m2, mean, rstd, m, n_chunks, eps, N_CHUNKS=_pow2(n_chunks))
-    out = _k.new_output(x.shape, x.dtype, x.device)
-    _gn_fwd[grid](x, weight, bias, mean, rstd, out, m, s, c, groups, SILU=silu, CHUNK=chunk)
+    gn_stats[grid](x, count, cmean, m2, m, n_chunks, CHUNK=chunk)
+    mean, rstd = (new_output((b, groups), torch.float32, x.device) for _ in range(2))
+    gn_merge[(b * groups,)](count, cmean, m2, mean, rstd, m, n_chunks, eps, N_CHUNKS=_pow2(n_chunks))
+    out = new_output(x.shape, x.dtype, x.device)
+    gn_fwd[grid](x, weight, bias, mean, rstd, out, m, s, c, groups, SILU=silu, CHUNK=chunk)
     return out, mean, rstd
 
 
@@ -217,11 +211,11 @@ def _triton_bwd(dout, x, weight, bias, mean, rstd, groups: int, silu: bool):
     dout = dout.contiguous()
     mean, rstd = mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous()
     sum1, sum2 = (torch.empty((b * groups, n_chunks), dtype=torch.float32, device=x.device) for _ in range(2))
-    _gn_bwd_sums[grid](x, dout, weight, bias, mean, rstd, sum1, sum2, m, s, c, groups, n_chunks, SILU=silu, CHUNK=chunk)
+    gn_bwd_sums[grid](x, dout, weight, bias, mean, rstd, sum1, sum2, m, s, c, groups, n_chunks, SILU=silu, CHUNK=chunk)
     c1, c2 = (torch.empty(b * groups, dtype=torch.float32, device=x.device) for _ in range(2))
-    _gn_bwd_merge[(b * groups,)](sum1, sum2, c1, c2, m, n_chunks, N_CHUNKS=_pow2(n_chunks))
-    dx = _k.new_output(x.shape, x.dtype, x.device)
-    _gn_bwd_dx[grid](x, dout, weight, bias, mean, rstd, c1, c2, dx, m, s, c, groups, SILU=silu, CHUNK=chunk)
+    gn_bwd_merge[(b * groups,)](sum1, sum2, c1, c2, m, n_chunks, N_CHUNKS=_pow2(n_chunks))
+    dx = new_output(x.shape, x.dtype, x.device)
+    gn_bwd_dx[grid](x, dout, weight, bias, mean, rstd, c1, c2, dx, m, s, c, groups, SILU=silu, CHUNK=chunk)
     return dx
 
 
@@ -244,7 +238,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         if x.is_meta:
             out, mean, rstd = _meta_fwd(*args)
         elif use_triton:
-            out, mean, rstd = _k.with_fallback("group_norm_silu", lambda: _triton_fwd(*args), lambda: _torch_fwd(*args))
+            out, mean, rstd = with_fallback("group_norm_silu", lambda: _triton_fwd(*args), lambda: _torch_fwd(*args))
         else:
             out, mean, rstd = _torch_fwd(*args)
         ctx.save_for_backward(x, weight, bias, mean, rstd)  # x + two [B, G] fp32 tensors
@@ -258,7 +252,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         if x.is_meta:
             dx = _meta_bwd(*args)
         elif ctx.use_triton:
-            dx = _k.with_fallback("group_norm_silu", lambda: _triton_bwd(*args), lambda: _torch_bwd(*args, ctx.eps))
+            dx = with_fallback("group_norm_silu", lambda: _triton_bwd(*args), lambda: _torch_bwd(*args, ctx.eps))
         else:
             dx = _torch_bwd(*args, ctx.eps)
         # Frozen affine parameters: no weight/bias gradient by design (see module docstring).
@@ -266,14 +260,18 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
-                    silu: bool = True, backend: str = "auto") -> torch.Tensor:
+                    silu: bool = True, backend: str = "torch") -> torch.Tensor:
     """GroupNorm(groups, eps, affine) then SiLU if silu; x [B, C, *spatial].
 
     Statistics in fp32, output in x.dtype. Differentiable in x only (weight/bias frozen).
+    backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
     """
     if x.dim() < 3 or x.shape[1] % groups:
         raise ValueError(f"group_norm_silu needs x [B, C, *spatial] with C % groups == 0, got {tuple(x.shape)}")
-    use_triton = _k.resolve_backend(backend, x, triton is not None, _INTERPRET) == "triton"
+    check_path("group_norm_silu", backend)
+    if backend == "triton":
+        check_triton_runs(x)
+    use_triton = backend == "triton" and not x.is_meta  # meta: shapes only, any path gives the same
     if use_triton:
         x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     return _GroupNormSiLU.apply(x, weight, bias, groups, eps, silu, use_triton)

@@ -6,7 +6,6 @@ reads TRITON_INTERPRET when the kernels are decorated (at import).
 from __future__ import annotations
 
 import collections
-import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -16,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import minti.kernels as kernels  # noqa: E402
+import minti.kernels.launch as launch  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
@@ -35,10 +34,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def triton_runs_here() -> bool:
     """Triton installed, and either a GPU or kernels decorated in interpreter mode (if some
     other module imported minti.kernels before TRITON_INTERPRET was set, they were not)."""
-    mods = [importlib.import_module(f"minti.kernels.{m}") for m in ("flash_attention", "geglu", "group_norm_silu")]
-    if any(m.triton is None for m in mods):
-        return False
-    return torch.cuda.is_available() or all(m._INTERPRET for m in mods)
+    return launch.HAS_TRITON and (torch.cuda.is_available() or launch.INTERPRETED)
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
@@ -48,7 +44,26 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
 @pytest.fixture
 def poisoned(monkeypatch):
     """NaN-fill every output buffer the kernels allocate, so unwritten elements show."""
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+
+
+def triton_runs() -> int:
+    """How many Triton calls (forwards and backwards, every op) have run so far."""
+    return sum(launch.TRITON_RUNS.values())
+
+
+@pytest.fixture(autouse=True)
+def triton_really_runs(request, monkeypatch):
+    """Autouse in every module that imports it: a Triton launch that fails raises rather than
+    falling back to torch (launch.STRICT), and a test parametrized with backend="triton" fails
+    unless a Triton kernel ran, so it cannot pass by comparing torch with torch."""
+    monkeypatch.setattr(launch, "STRICT", True)
+    callspec = getattr(request.node, "callspec", None)
+    wants_triton = callspec is not None and callspec.params.get("backend") == "triton"
+    before = triton_runs()
+    yield
+    if wants_triton:
+        assert triton_runs() > before, "backend='triton' but no Triton kernel ran"
 
 
 def _patch_interpreter_bf16_rounding() -> None:

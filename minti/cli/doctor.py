@@ -93,8 +93,8 @@ def _self_test_cases(family: str, resolution: int, device: torch.device, dtype: 
 
 
 def _self_test(family: str, resolution: int, device: torch.device, dtype: torch.dtype) -> tuple[list[str], bool]:
-    kernels = importlib.import_module("minti.kernels")
-    reason = kernels.triton_unusable_reason(device, dtype)
+    backends = importlib.import_module("minti.models.backends")
+    reason = backends.triton_unusable_reason(device, dtype)
     if reason is not None:
         return [f"self-test   skipped: the Triton kernels do not run here ({reason})"], True
     lines, ok = [], True
@@ -151,11 +151,11 @@ def _default_resolution(family: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    kernels = importlib.import_module("minti.kernels")
+    backends = importlib.import_module("minti.models.backends")
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     lines = ["minti doctor (paste all of this into a bug report)"] + _versions() + _gpu(device)
-    lines.append("backends    " + kernels.describe_backends(device, dtype))
+    lines.append("backends    " + backends.describe_backends(device, dtype))
     family = DEFAULT_FAMILY
     if args.model:
         plan_lines, family = _memory_plans(args.model, args.resolution, device, dtype, args.vram)

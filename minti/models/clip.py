@@ -129,12 +129,14 @@ def embed_tokens(table: nn.Embedding, tokens: torch.Tensor, extra: torch.Tensor 
     return torch.where((tokens >= vocab).unsqueeze(-1), vectors, x)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, H*D] -> a [B, H, N, D] view, the layout ops.attention takes."""
     B, N, C = x.shape
     return x.view(B, N, heads, C // heads).transpose(1, 2)  # [B,H,N,D]
 
 
-def _merge_heads(y: torch.Tensor) -> torch.Tensor:
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [B, N, H*D]: a view when y is token-major, as ops.attention returns it."""
     B, H, N, D = y.shape
     return y.transpose(1, 2).reshape(B, N, H * D)
 
@@ -227,8 +229,8 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(_merge_heads(ops.attention(q, k, v, causal=True)))
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(merge_heads(ops.attention(q, k, v, causal=True)))
 
 
 class CLIPTextModel(nn.Module):
@@ -279,8 +281,8 @@ class FusedSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (_heads(t, self.heads) for t in (q, k, v))
-        return self.out_proj(_merge_heads(ops.attention(q, k, v, causal=True)))
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        return self.out_proj(merge_heads(ops.attention(q, k, v, causal=True)))
 
 
 class OpenCLIPTextModel(nn.Module):

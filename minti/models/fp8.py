@@ -169,8 +169,8 @@ class Fp8FusedSelfAttention(clip.FusedSelfAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = fp8_linear(x, self.in_proj_weight, self.in_proj_weight_scale, self.in_proj_bias)
-        q, k, v = (clip._heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        return self.out_proj(clip._merge_heads(ops.attention(q, k, v, causal=True)))
+        q, k, v = (clip.split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        return self.out_proj(clip.merge_heads(ops.attention(q, k, v, causal=True)))
 
 
 # plain layer -> its fp8 variant (a subclass: isinstance checks and the parent's forward still hold)

@@ -1,67 +1,43 @@
 """The three hot operations of the frozen networks, each in one place.
 
 Every model calls these and nothing else for attention, GroupNorm+SiLU and GEGLU, so the
-Triton kernels in minti.kernels can take them over without touching the models. Each
-function falls back to plain torch when the kernel is missing.
+Triton kernels in minti.kernels can take them over without touching the models. Which path
+each call takes (Triton kernel or torch) is decided in minti.models.backends; set_backend
+forces one (tests).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-# "auto": Triton on CUDA sm_75+ (bf16 on sm_80+), torch elsewhere; "torch" / "triton" force one path (tests use this).
-BACKEND = "auto"
-
-
-def set_backend(name: str) -> None:
-    global BACKEND
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {name!r}: use auto, torch or triton")
-    BACKEND = name
-
-
-def _kernel(name: str):
-    try:
-        import minti.kernels as k
-    except ImportError:
-        return None
-    return getattr(k, name, None)
+from minti.kernels import flash_attention, geglu as geglu_kernel, group_norm_silu as group_norm_silu_kernel
+from minti.models.backends import choose, set_backend  # noqa: F401  (re-exported: tests and weights/build_tiny.py call ops.set_backend)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               upcast: bool = False) -> torch.Tensor:
     """Softmax attention. q [B,H,Nq,D], k/v [B,H,Nk,D] -> [B,H,Nq,D].
 
-    upcast: compute scores in fp32 when inputs are half precision (SD 2.x needs it; the
-    Triton kernel always accumulates in fp32, so there it costs nothing).
+    upcast: compute scores in fp32 when inputs are half precision (SD 2.x needs it). Every
+    path of the kernel accumulates in fp32 whatever the input dtype, so it costs nothing.
     """
-    kernel = _kernel("flash_attention")
-    if kernel is not None:
-        return kernel(q, k, v, causal=causal, backend=BACKEND)
-    if upcast and q.dtype in (torch.float16, torch.bfloat16):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return flash_attention(q, k, v, causal=causal, backend=choose("attention", q))
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                     eps: float, silu: bool = True) -> torch.Tensor:
     """GroupNorm (statistics in fp32) optionally followed by SiLU, as in every ResBlock."""
-    kernel = _kernel("group_norm_silu")
     # The fused kernel has no weight gradient (frozen in textual inversion); a model being
     # trained (the tiny demo model's build) takes the plain path.
-    if kernel is not None and not (weight.requires_grad or bias.requires_grad):
-        return kernel(x, weight, bias, groups, eps, silu=silu, backend=BACKEND)
+    if not (weight.requires_grad or bias.requires_grad):
+        return group_norm_silu_kernel(x, weight, bias, groups, eps, silu=silu, backend=choose("group_norm_silu", x))
     y = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype)
     return F.silu(y) if silu else y
 
 
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """GEGLU on the output of one projection: first half * gelu(second half)."""
-    kernel = _kernel("geglu")
-    if kernel is not None:
-        return kernel(x, backend=BACKEND)
-    a, gate = x.chunk(2, dim=-1)
-    return a * F.gelu(gate)
+    return geglu_kernel(x, backend=choose("geglu", x))
 
 
 class _InputGradConv2d(torch.autograd.Function):

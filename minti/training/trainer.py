@@ -318,13 +318,9 @@ def _check_images_folder(folder: Path) -> None:
 
 def kernels_in_use(sd) -> str:
     """One line: which path (Triton kernel or torch) each hot op takes on this run, and why."""
-    from minti.models import ops
+    from minti.models.backends import describe_backends
 
-    try:
-        import minti.kernels as kernels
-    except ImportError:
-        return "kernels: minti.kernels is not importable; every op takes the torch path"
-    return kernels.describe_backends(sd.device, sd.dtype, ops.BACKEND)
+    return describe_backends(sd.device, sd.dtype)
 
 
 def _log_how_it_runs(sd, plan: memory.Plan) -> None:

@@ -2,11 +2,15 @@
 machine does not have, fit its shared memory, do not spill, and the pruning's shared-memory
 estimate holds. The full sweep (every target, dtype, shape and config) is the bench script."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import minti.kernels.configs as configs
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("triton")
@@ -92,21 +96,56 @@ spill = int(sys.argv[1])  # every compile spills this many bytes, outside its lo
 def fake_compile(fn, args, cc, num_warps, num_stages):
     return Result(ok=True, shared=1024, regs=64, spill=spill)
 sweep.__globals__["compile_one"] = fake_compile
-targets = {"sm_86": sweep.__globals__["kernels"].TARGET_LIMITS["sm_86"]}
+targets = {"sm_86": sweep.__globals__["configs"].TARGET_LIMITS["sm_86"]}
 _, problems, notes = sweep(targets, ["float16"], ["attn_fwd"], head_dims={160}, one_per_class=True)
 print(len(notes), "notes;", "; ".join(problems) or "no problems")
 """
+
+
+def run_script(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_a_launch_whose_every_selectable_config_spills_fails_the_sweep():
     # At head dim 160 on sm_86 the fp16 forward selects three configs, at two sites (self- and
     # cross-attention): all six spilling outside their loops leaves no clean config (a problem);
     # spills outside the loops are otherwise only notes.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = lambda spill: subprocess.run([sys.executable, "-c", SWEEP_WITH_FAKE_COMPILES, str(spill)], cwd=ROOT,  # noqa: E731
-                                       env=env, capture_output=True, text=True, timeout=300)
-    spilling, clean = run(8), run(0)
+    spilling, clean = run_script(SWEEP_WITH_FAKE_COMPILES, "8"), run_script(SWEEP_WITH_FAKE_COMPILES, "0")
     assert spilling.returncode == 0 and clean.returncode == 0, spilling.stderr[-2000:] + clean.stderr[-2000:]
     assert "every selectable config spills" in spilling.stdout and spilling.stdout.startswith("6 notes")
     assert clean.stdout.strip() == "0 notes; no problems"
+
+
+DERIVE_WITH_FAKE_COMPILES = """
+import runpy, sys
+script = runpy.run_path("bench/compile_targets.py", run_name="compile_targets")
+Result = script["Result"]
+def fake_compile(fn, args, cc, num_warps, num_stages):  # clean up to head dim 80 (D_LO 64), spilling past it
+    return Result(ok=True, shared=0, regs=64, spill=8 if args["D_LO"] > 64 else 0)
+script["main"].__globals__["compile_one"] = fake_compile
+sys.exit(script["main"](["--derive", "--targets", "sm_86", "--dtypes", "float16", "--budget", sys.argv[1]]))
+"""
+
+
+def test_derive_writes_its_measured_rows_into_the_budget_file_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "register_budget.json"
+    shutil.copy(configs.REGISTER_BUDGET_FILE, path)
+    result = run_script(DERIVE_WITH_FAKE_COMPILES, str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {path}: measured sm_8x half; 7 overrides kept" in result.stdout
+    before, after = configs.load_register_budget(), configs.load_register_budget(path)
+    limit = configs.TARGET_LIMITS["sm_86"].shared_bytes
+
+    def widest(kind, config):  # the compiles spill past head dim 80; the widths up to it that fit in shared memory
+        fitting = [sum(configs.head_pieces(d)) for d in (40, 64, 80)
+                   if configs.shared_bytes_estimate(kind, config, d, torch.float16) <= limit]
+        return fitting[-1] if fitting else 0
+
+    for kind, candidates in configs.ATTENTION_CONFIGS.items():
+        assert after.measured["sm_8x"]["half"][kind] == {c: widest(kind, c) for c in candidates if widest(kind, c)}
+    assert after.overrides == before.overrides and after.measured["sm_75"] == before.measured["sm_75"]
+    assert after.measured["sm_8x"]["fp32"] == before.measured["sm_8x"]["fp32"]
+    assert after.dumps() == path.read_text()  # what it wrote reads back the same

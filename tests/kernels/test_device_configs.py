@@ -1,35 +1,35 @@
 """Which kernels and configs run on which GPU, decided from the device's properties alone
 (made-up devices here: sm_86, sm_75, sm_61, no bf16), and the one line that says so."""
-import importlib
-
 import kernel_testing as kt  # noqa: F401  (first: sets TRITON_INTERPRET)
 import pytest
 import torch
 
-import minti.kernels as kernels
+import minti.kernels.attention_triton as at
+import minti.kernels.configs as configs
+import minti.kernels.launch as launch
+from minti.models import backends
 
-fa = importlib.import_module("minti.kernels.flash_attention")
-pytestmark = pytest.mark.skipif(fa.triton is None, reason="Triton not installed")
+pytestmark = pytest.mark.skipif(at.triton is None, reason="Triton not installed")
 
-SM86, SM75 = kernels.TARGET_LIMITS["sm_86"], kernels.TARGET_LIMITS["sm_75"]
-SM61 = kernels.DeviceLimits((6, 1), 48 * 1024)
+SM86, SM75 = configs.TARGET_LIMITS["sm_86"], configs.TARGET_LIMITS["sm_75"]
+SM61 = configs.DeviceLimits((6, 1), 48 * 1024)
 SD_HEAD_DIMS = (40, 64, 80, 160)
 KINDS = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
-@pytest.mark.parametrize("limits", list(kernels.TARGET_LIMITS.values()), ids=list(kernels.TARGET_LIMITS))
+@pytest.mark.parametrize("limits", list(configs.TARGET_LIMITS.values()), ids=list(configs.TARGET_LIMITS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_every_kernel_keeps_a_config_that_fits_at_every_sd_head_dim(limits, dtype):
-    if not kernels.dtype_supported(dtype, limits):
+    if not configs.dtype_supported(dtype, limits):
         pytest.skip("no bf16 kernels on this target")
-    widest = fa.WIDEST_CLEAN[fa.target_class(limits.capability)]["fp32" if dtype == torch.float32 else "half"]
+    widest = configs.WIDEST_CLEAN[configs.target_class(limits.capability)]["fp32" if dtype == torch.float32 else "half"]
     for kind in KINDS:
         for d in SD_HEAD_DIMS:
-            usable = fa.usable_configs(kind, d, dtype, limits)
-            assert 1 <= len(usable) <= fa.MAX_TUNED_CONFIGS, f"{kind} d{d} {dtype} on sm_{limits.capability}"
-            assert all(fa.shared_bytes_estimate(kind, c, d, dtype) <= limits.shared_bytes for c in usable)
-            assert all(widest[kind][c] >= sum(fa._head_pieces(d)) for c in usable)
-            order = fa.ATTENTION_CONFIGS[kind]
+            usable = configs.usable_configs(kind, d, dtype, limits)
+            assert 1 <= len(usable) <= configs.MAX_TUNED_CONFIGS, f"{kind} d{d} {dtype} on sm_{limits.capability}"
+            assert all(configs.shared_bytes_estimate(kind, c, d, dtype) <= limits.shared_bytes for c in usable)
+            assert all(widest[kind][c] >= sum(configs.head_pieces(d)) for c in usable)
+            order = configs.ATTENTION_CONFIGS[kind]
             assert [order.index(c) for c in usable] == sorted(order.index(c) for c in usable)
 
 
@@ -37,63 +37,63 @@ def test_the_register_budget_table_names_only_listed_configs_for_every_class():
     for cls in ("sm_75", "sm_8x", "sm_90", "sm_120"):
         for operand in ("half", "fp32"):
             for kind in KINDS:
-                assert set(fa.WIDEST_CLEAN[cls][operand][kind]) <= set(fa.ATTENTION_CONFIGS[kind])
+                assert set(configs.WIDEST_CLEAN[cls][operand][kind]) <= set(configs.ATTENTION_CONFIGS[kind])
 
 
 @pytest.mark.parametrize("capability,cls", [((7, 5), "sm_75"), ((8, 0), "sm_8x"), ((8, 6), "sm_8x"), ((8, 9), "sm_8x"),
                                             ((9, 0), "sm_90"), ((12, 0), "sm_120")])
 def test_each_compute_capability_reads_its_own_class_of_the_register_budget(capability, cls):
-    assert fa.target_class(capability) == cls
+    assert configs.target_class(capability) == cls
 
 
 def test_the_register_budget_drops_configs_wider_than_they_compiled_clean(monkeypatch):
     # A made-up budget on a made-up Ampere with shared memory to spare: only the budget prunes.
-    configs = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1)]
+    candidates = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1)]
     budget = {(128, 64, 8, 3): 160, (64, 32, 4, 2): 64, (32, 32, 4, 2): 80, (16, 16, 8, 1): 160}  # 64x64 spilled
-    monkeypatch.setattr(fa, "ATTENTION_CONFIGS", {"fwd": configs})
-    monkeypatch.setattr(fa, "WIDEST_CLEAN", {"sm_8x": {"half": {"fwd": budget}}})
-    roomy = kernels.DeviceLimits((8, 6), 1 << 30)
-    assert fa.usable_configs("fwd", 40, torch.float16, roomy) == [(128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
-    assert fa.usable_configs("fwd", 64, torch.bfloat16, roomy) == [(128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
-    assert fa.usable_configs("fwd", 80, torch.float16, roomy) == [(128, 64, 8, 3), (32, 32, 4, 2), (16, 16, 8, 1)]
-    assert fa.usable_configs("fwd", 160, torch.float16, roomy) == [(128, 64, 8, 3), (16, 16, 8, 1)]
+    monkeypatch.setattr(configs, "ATTENTION_CONFIGS", {"fwd": candidates})
+    monkeypatch.setattr(configs, "WIDEST_CLEAN", {"sm_8x": {"half": {"fwd": budget}}})
+    roomy = configs.DeviceLimits((8, 6), 1 << 30)
+    assert configs.usable_configs("fwd", 40, torch.float16, roomy) == [(128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    assert configs.usable_configs("fwd", 64, torch.bfloat16, roomy) == [(128, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    assert configs.usable_configs("fwd", 80, torch.float16, roomy) == [(128, 64, 8, 3), (32, 32, 4, 2), (16, 16, 8, 1)]
+    assert configs.usable_configs("fwd", 160, torch.float16, roomy) == [(128, 64, 8, 3), (16, 16, 8, 1)]
     # the same budget with sm_86's shared memory: at 160 the 128x64 blocks no longer fit
-    assert fa.usable_configs("fwd", 160, torch.float16, SM86) == [(16, 16, 8, 1)]
+    assert configs.usable_configs("fwd", 160, torch.float16, SM86) == [(16, 16, 8, 1)]
     with pytest.raises(KeyError):  # fp32 reads its own budget, which this made-up table lacks
-        fa.usable_configs("fwd", 64, torch.float32, roomy)
+        configs.usable_configs("fwd", 64, torch.float32, roomy)
 
 
 def test_a_config_that_spilled_on_one_class_of_gpu_stays_usable_on_another():
     # The real budget: the forward's 128x64 8-warp blocks spilled on sm_75 (at every head dim)
     # and past head dim 64 on sm_86, not on sm_90; sm_75 keeps only small blocks.
     big = (128, 64, 8, 3)
-    sm90 = kernels.TARGET_LIMITS["sm_90"]
-    assert big in fa.usable_configs("fwd", 64, torch.float16, sm90)
-    assert big in fa.usable_configs("fwd", 64, torch.float16, SM86)
-    assert big not in fa.usable_configs("fwd", 80, torch.float16, kernels.DeviceLimits((8, 0), 163 * 1024))
-    assert big not in fa.usable_configs("fwd", 64, torch.float16, kernels.DeviceLimits((7, 5), 1 << 30))
-    assert all(m * n <= 64 * 32 for m, n, _, _ in fa.usable_configs("fwd", 40, torch.float16, SM75))
+    sm90 = configs.TARGET_LIMITS["sm_90"]
+    assert big in configs.usable_configs("fwd", 64, torch.float16, sm90)
+    assert big in configs.usable_configs("fwd", 64, torch.float16, SM86)
+    assert big not in configs.usable_configs("fwd", 80, torch.float16, configs.DeviceLimits((8, 0), 163 * 1024))
+    assert big not in configs.usable_configs("fwd", 64, torch.float16, configs.DeviceLimits((7, 5), 1 << 30))
+    assert all(m * n <= 64 * 32 for m, n, _, _ in configs.usable_configs("fwd", 40, torch.float16, SM75))
 
 
 def test_no_config_on_devices_triton_cannot_target_or_bf16_without_bf16():
     for kind in KINDS:
-        assert fa.usable_configs(kind, 64, torch.float16, SM61) == []
-        assert fa.usable_configs(kind, 64, torch.bfloat16, SM75) == []
-        assert fa.usable_configs(kind, 64, torch.bfloat16, SM86)
+        assert configs.usable_configs(kind, 64, torch.float16, SM61) == []
+        assert configs.usable_configs(kind, 64, torch.bfloat16, SM75) == []
+        assert configs.usable_configs(kind, 64, torch.bfloat16, SM86)
 
 
 def test_the_autotuner_prunes_with_the_running_devices_limits(monkeypatch):
-    monkeypatch.setattr(kernels, "device_limits", lambda device: SM75)
-    prune = fa._attn_bwd_dkdv_tuned.early_config_prune
+    monkeypatch.setattr(configs, "device_limits", lambda device: SM75)
+    prune = at._attn_bwd_dkdv_tuned.early_config_prune
     q = torch.empty(1, dtype=torch.float32)
-    kept = prune(fa._attn_bwd_dkdv_tuned.configs, {"Q": q}, D=160)
-    assert [fa._config_tuple(c) for c in kept] == fa.usable_configs("bwd_dkdv", 160, torch.float32, SM75)
-    monkeypatch.setattr(kernels, "device_limits", lambda device: None)  # the CPU: nothing to prune
-    assert prune(fa._attn_bwd_dkdv_tuned.configs, {"Q": q}, D=160) == fa._attn_bwd_dkdv_tuned.configs
+    kept = prune(at._attn_bwd_dkdv_tuned.configs, {"Q": q}, D=160)
+    assert [at._config_tuple(c) for c in kept] == configs.usable_configs("bwd_dkdv", 160, torch.float32, SM75)
+    monkeypatch.setattr(configs, "device_limits", lambda device: None)  # the CPU: nothing to prune
+    assert prune(at._attn_bwd_dkdv_tuned.configs, {"Q": q}, D=160) == at._attn_bwd_dkdv_tuned.configs
 
 
 def fake_cuda(monkeypatch, limits):
-    monkeypatch.setattr(kernels, "device_limits", lambda device: limits if torch.device(device).type == "cuda" else None)
+    monkeypatch.setattr(configs, "device_limits", lambda device: limits if torch.device(device).type == "cuda" else None)
 
 
 @pytest.mark.parametrize("limits,dtype,reason", [
@@ -102,28 +102,28 @@ def fake_cuda(monkeypatch, limits):
 ], ids=["sm86-bf16", "sm86-fp16", "sm75-fp16", "sm75-bf16", "sm61-fp16"])
 def test_auto_takes_triton_only_where_the_device_runs_it_in_that_dtype(monkeypatch, limits, dtype, reason):
     fake_cuda(monkeypatch, limits)
-    got = kernels.triton_unusable_reason(torch.device("cuda"), dtype)
+    got = backends.triton_unusable_reason(torch.device("cuda"), dtype)
     assert (got is None) if reason is None else (reason in got)
-    line = kernels.describe_backends("cuda:0", dtype)
+    line = backends.describe_backends("cuda:0", dtype)
     assert "\n" not in line
-    for op in kernels.OPS:
+    for op in backends.OPS:
         assert f"{op} {'triton' if reason is None else 'torch'}" in line
     if reason:
         assert reason in line
 
 
 def test_describe_backends_says_why_on_the_cpu_and_names_a_failed_op(monkeypatch):
-    line = kernels.describe_backends("cpu", torch.float32)
+    line = backends.describe_backends("cpu", torch.float32)
     assert "attention torch" in line and "not a CUDA device" in line
-    assert "backend='torch'" in kernels.describe_backends("cpu", torch.float32, backend="torch")
+    assert "backend='torch'" in backends.describe_backends("cpu", torch.float32, backend="torch")
     fake_cuda(monkeypatch, SM86)
-    monkeypatch.setattr(kernels, "FAILED_OPS", {"geglu": "OutOfResources: shared"})
-    line = kernels.describe_backends("cuda", torch.float16)
+    monkeypatch.setattr(launch, "FAILED_OPS", {"geglu": "OutOfResources: shared"})
+    line = backends.describe_backends("cuda", torch.float16)
     assert "attention triton" in line and "geglu torch (its Triton launch failed: OutOfResources" in line
 
 
 def test_head_dims_past_the_measured_budget_have_no_config_so_auto_takes_the_torch_path():
-    assert fa.has_configs(160, torch.float16, SM86) and fa.has_configs(64, torch.float32, SM75)
-    assert not fa.has_configs(256, torch.float16, SM86)  # 256 wide: past the widest head dim measured
-    assert not fa.has_configs(64, torch.bfloat16, SM75)
-    assert fa.has_configs(256, torch.float16, None)  # the CPU: the interpreter runs fixed blocks
+    assert configs.has_configs(160, torch.float16, SM86) and configs.has_configs(64, torch.float32, SM75)
+    assert not configs.has_configs(256, torch.float16, SM86)  # 256 wide: past the widest head dim measured
+    assert not configs.has_configs(64, torch.bfloat16, SM75)
+    assert configs.has_configs(256, torch.float16, None)  # the CPU: the interpreter runs fixed blocks

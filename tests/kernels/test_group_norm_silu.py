@@ -3,9 +3,12 @@ F.group_norm + F.silu: forward and input gradient, several chunks per group."""
 import importlib
 
 import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
-from kernel_testing import poisoned  # noqa: F401  (fixture)
+from kernel_testing import poisoned, triton_really_runs  # noqa: F401  (fixtures)
 import pytest
 import torch
+
+import minti.kernels.launch as launch
+from minti.models import ops
 
 gn = importlib.import_module("minti.kernels.group_norm_silu")
 
@@ -63,15 +66,17 @@ def test_frozen_affine_gets_no_gradient_and_only_x_plus_group_stats_are_saved(ba
 def test_runs_on_meta_device_with_right_shape():
     x = torch.empty(2, 320, 64, 64, device="meta", dtype=torch.float16, requires_grad=True)
     w = torch.empty(320, device="meta", dtype=torch.float16)
-    for backend in ("auto", "triton", "torch"):
-        out = gn.group_norm_silu(x, w, w, 32, 1e-5, backend=backend)
+    for call in (lambda: gn.group_norm_silu(x, w, w, 32, 1e-5, backend="triton"),
+                 lambda: gn.group_norm_silu(x, w, w, 32, 1e-5, backend="torch"),
+                 lambda: ops.group_norm_silu(x, w, w, 32, 1e-5)):  # "auto", decided in minti.models.backends
+        out = call()
         assert out.device.type == "meta" and out.shape == x.shape and out.dtype == x.dtype
     out.sum().backward()
     assert x.grad.shape == x.shape
 
 
 def test_triton_backend_raises_clearly_without_triton(monkeypatch):
-    monkeypatch.setattr(gn, "triton", None)  # as if `import triton` had failed
+    monkeypatch.setattr(launch, "HAS_TRITON", False)  # as if `import triton` had failed
     x, w, b, _ = _inputs((1, 8, 4, 4), torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         gn.group_norm_silu(x, w, b, 2, 1e-5, backend="triton")

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"minti {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    # imported here, inside main()'s Ctrl-C handler, not at the top: they import torch (~2 s, where a
+    # Ctrl-C at start lands), and the console script `minti` imports this module outside any handler
     for name, (help_text, module_name) in SUBCOMMANDS.items():
         importlib.import_module(module_name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser

@@ -15,6 +15,11 @@ import time
 
 import torch
 
+from minti.cli.common import DTYPES
+from minti.errors import UserError
+from minti.loading.pipeline import load
+from minti.training import memory
+
 # family -> attention shapes of its UNet's first attention level and its text encoder:
 # (heads, head dim at that level, latent downsampling of that level), text (heads, head dim)
 _FAMILY_SHAPES = {
@@ -28,7 +33,7 @@ SELF_TEST_TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a checkpoint: also test at its shapes and model its memory plans")
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the family's)")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+    parser.add_argument("--dtype", default="float16", choices=DTYPES,
                         help="the dtype training would use (default float16)")
     parser.add_argument("--vram", type=float, default=None, metavar="GiB",
                         help="plan the memory for a card with this much free (default: this GPU's free memory)")
@@ -36,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _versions() -> list[str]:
     try:
-        import triton
+        import triton  # optional: without it the torch path runs
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed (the torch path is used)"
@@ -123,10 +128,6 @@ def _self_test(family: str, resolution: int, device: torch.device, dtype: torch.
 
 def _memory_plans(path: str, resolution: int, device: torch.device, dtype: torch.dtype,
                   vram_gib: float | None = None) -> tuple[list[str], str]:
-    from minti.errors import UserError
-    from minti.loading.pipeline import load
-    from minti.training import memory
-
     sd = load(path, dtype=dtype, device="meta")
     resolution = resolution or _default_resolution(sd.family)
     free = int(vram_gib * memory.GiB) if vram_gib is not None else (

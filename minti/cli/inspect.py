@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from minti.loading.pipeline import load
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
@@ -20,8 +22,6 @@ def _millions(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minti.loading.pipeline import load
-
     # dtype=None: describe the file as it is; device="meta": shapes only, no weights read
     info = load(args.path, dtype=None, device="meta", ema=args.ema).describe()
     if args.json:

@@ -1,5 +1,6 @@
 """`python -m minti`: the command line. Each subcommand lives in its own module, which provides
-add_arguments(parser) and run(args) -> exit status."""
+add_arguments(parser) and run(args) -> exit status; what they share (device, dtype choices, model
+loading, logging, progress) is minti.cli.common, and no command imports another."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """`python -m minti`: the command line. Each subcommand lives in its own module, which provides
-add_arguments(parser) and run(args) -> exit status."""
+add_arguments(parser) and run(args) -> exit status; what they share (device, dtype choices, model
+loading, logging, progress) is minti.cli.common, and no command imports another."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"minti {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    # imported here, inside main()'s Ctrl-C handler, not at the top: they import torch (~2 s, where a
+    # Ctrl-C at start lands), and the console script `minti` imports this module outside any handler
     for name, (help_text, module_name) in SUBCOMMANDS.items():
         importlib.import_module(module_name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser

@@ -8,14 +8,19 @@ VRAM. The output is meant to be pasted into a bug report as it is.
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import subprocess
 import time
 
 import torch
 
+import minti.kernels as kernels
+import minti.models.backends as backends
+from minti.cli.common import DTYPES
+from minti.errors import UserError
 from minti.loading.families import DEFAULT_FAMILY, FAMILIES
+from minti.loading.pipeline import load
+from minti.training import memory
 
 SELF_TEST_TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}
 
@@ -23,7 +28,7 @@ SELF_TEST_TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a checkpoint: also test at its shapes and model its memory plans")
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the family's)")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+    parser.add_argument("--dtype", default="float16", choices=DTYPES,
                         help="the dtype training would use (default float16)")
     parser.add_argument("--vram", type=float, default=None, metavar="GiB",
                         help="plan the memory for a card with this much free (default: this GPU's free memory)")
@@ -31,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _versions() -> list[str]:
     try:
-        import triton
+        import triton  # optional: without it the torch path runs
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed (the torch path is used)"
@@ -66,7 +71,6 @@ def _max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _self_test_cases(family: str, resolution: int, device: torch.device, dtype: torch.dtype):
     """(name, function of backend -> output, inputs that get gradients) at the model's shapes."""
-    kernels = importlib.import_module("minti.kernels")
     shapes = FAMILIES[family].kernel_shapes
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -93,7 +97,6 @@ def _self_test_cases(family: str, resolution: int, device: torch.device, dtype: 
 
 
 def _self_test(family: str, resolution: int, device: torch.device, dtype: torch.dtype) -> tuple[list[str], bool]:
-    backends = importlib.import_module("minti.models.backends")
     reason = backends.triton_unusable_reason(device, dtype)
     if reason is not None:
         return [f"self-test   skipped: the Triton kernels do not run here ({reason})"], True
@@ -118,10 +121,6 @@ def _self_test(family: str, resolution: int, device: torch.device, dtype: torch.
 
 def _memory_plans(path: str, resolution: int, device: torch.device, dtype: torch.dtype,
                   vram_gib: float | None = None) -> tuple[list[str], str]:
-    from minti.errors import UserError
-    from minti.loading.pipeline import load
-    from minti.training import memory
-
     sd = load(path, dtype=dtype, device="meta")
     resolution = resolution or _default_resolution(sd.family)
     free = int(vram_gib * memory.GiB) if vram_gib is not None else (
@@ -151,7 +150,6 @@ def _default_resolution(family: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    backends = importlib.import_module("minti.models.backends")
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     lines = ["minti doctor (paste all of this into a bug report)"] + _versions() + _gpu(device)

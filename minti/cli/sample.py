@@ -12,7 +12,14 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
+import minti.atomic as atomic
+import minti.sampling as smp
+from minti.cli.common import DTYPES, PREDICTIONS, WEIGHTS, WEIGHTS_HELP, load_model, resolve_device, setup_logging
+from minti.demo import demo
 from minti.errors import RunError, UserError, missing_path
+from minti.training.embedding import load_embedding, mismatch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,21 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default runs/samples); files are never "
                         "overwritten")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="default float16 on cuda, float32 on cpu")
-    parser.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the prediction type")
-    from minti.cli.train import WEIGHTS, WEIGHTS_HELP
-
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default float16 on cuda, float32 on cpu")
+    parser.add_argument("--prediction", choices=PREDICTIONS, default=None, help="override the prediction type")
     parser.add_argument("--weights", choices=WEIGHTS, default=None, help=WEIGHTS_HELP)
 
 
 def register_embeddings(sd, paths: list[str], prompt: str, token: str | None = None) -> list:
     """Load each embedding, check it fits the model, register its token; -> the `extra` tensors
     (one per text encoder: every embedding's rows, in registration order)."""
-    import torch
-
-    from minti.training.embedding import load_embedding, mismatch
-
     if token is not None and len(paths) != 1:
         raise UserError("--token names the trigger word of a single --embedding; with several, rename the files")
     rows: list[list] = [[] for _ in sd.embedding_dims]
@@ -87,8 +87,6 @@ def _refuse_non_finite_text(sd, prompt: str, extra: list, paths: list[str]) -> N
     """Finite vectors can still be too large for the text encoder (a diverged run's): the images
     would come out black. One forward pass of the prompt tells, and one without the embeddings
     whether it is them or the model."""
-    import torch
-
     def finite(extra_rows) -> bool:
         with torch.no_grad():
             context, pooled = sd.encode_text([prompt], extra_rows)
@@ -114,18 +112,9 @@ MAX_SIZE = 4096  # as training's --resolution: anything larger is a typo, not an
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from minti import atomic
-    from minti import sampling as smp
-    from minti.cli.train import load_model, resolve_device, setup_logging
-    from minti.training.embedding import load_embedding
-
     setup_logging()
     model, native_size, guidance = args.model, None, 7.5
     if model is None:  # the tiny model minti ships (see minti.demo.demo), at its own size and guidance
-        from minti.demo import demo
-
         if not demo.DEMO_MODEL.is_file():
             raise UserError(demo.missing())
         model, native_size, guidance = str(demo.DEMO_MODEL), demo.RESOLUTION, demo.GRID_CFG

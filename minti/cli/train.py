@@ -1,34 +1,43 @@
-"""`python -m minti train`: textual inversion from the command line.
+"""`python -m minti train`: textual inversion from the command line, one concept or several.
 
 The training flags are generated from TrainConfig's fields (minti.training.config): name, help
 and the default the help names all come from the field. Only the flags that choose and load the
 model (--model, --device, --dtype, --prediction) are written here. Every option defaults to None
 and resolve() fills the defaults, so that `--resume DIR` takes whatever was not given from the
 run's config.json, and the demo (no --model) takes its own values for what was not given.
+
+`--concepts FILE` trains several concepts in one run, and `--resume DIR` of such a run continues
+them: each concept's settings are resolved exactly as one concept's are (its table supplies token,
+images, init, vectors, template and lr; the command line the rest), into `<output>/<name>/`. One
+concept is a run of one: the same sequence trains both (minti.training.trainer.train_many), and
+only the closing lines differ.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from minti.errors import UserError, missing_path
-from minti.training.config import DEVICE, GROUPS, WHAT, TrainConfig, known_fields
+import torch
 
-DTYPES = ("float16", "bfloat16", "float32")
-WEIGHTS = ("dtype", "fp8")  # --weights: "dtype" stores every weight in --dtype (minti.load's weights=None)
-WEIGHTS_HELP = ("how the frozen UNet and text-encoder Linear/Conv weights are stored: fp8 keeps them in 8 bits "
-                "(a scale per output channel), widened to --dtype one layer at a time; the VAE, norms and "
-                "embeddings stay in --dtype (default dtype)")
+import minti
+from minti.cli.common import (DTYPES, PREDICTIONS, WEIGHTS, WEIGHTS_HELP, Progress, default_dtype, duration,
+                              load_model, resolve_device, setup_logging, stored_weights)
+from minti.demo import demo
+from minti.errors import UserError
+from minti.training import distributed, memory
+from minti.training.concepts import SETTINGS, joint_run_folders, read_concepts
+from minti.training.config import DEVICE, GROUPS, WHAT, TrainConfig, known_fields
+from minti.training.embedding import file_stem
+from minti.training.run_folder import RunFolder
+from minti.training.trainer import _validate
+from minti.training.trainer import train_many
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from minti.demo import demo
-
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     groups[WHAT].add_argument(
         "--model", help="checkpoint: .safetensors / .ckpt file or diffusers folder (SD 1.x, 2.x, SDXL). Without it: "
@@ -46,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     device.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default float16 on cuda, float32 on "
                         "cpu; SDXL's VAE stays float32 under float16); the embedding is always trained in float32")
-    device.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type "
+    device.add_argument("--prediction", choices=PREDICTIONS, help="override the model's prediction type "
                         "(SD 2.x 768 models are v; SD 1.x and SDXL are eps)")
     device.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP + "; --resume keeps the run's")
 
@@ -82,10 +91,6 @@ def add_config_flags(groups: dict) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     """-> (load settings {model, device, dtype, prediction, weights, demo}, TrainConfig)."""
-    from minti.demo import demo
-    from minti.training.embedding import file_stem
-    from minti.training.run_folder import RunFolder
-
     given = {k: v for k, v in vars(args).items() if v is not None}
     saved: dict = {}
     # No --model and nothing to resume: the demo (the tiny shipped model and its concept), with
@@ -124,195 +129,128 @@ def resolve(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     return load, TrainConfig(**values)
 
 
-def resolve_device(device: str | None) -> str:
-    """--device checked against what minti runs on and what this machine has; None: cuda when
-    available, else cpu."""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        hint = " (did you mean cuda?)" if device.lower() in ("gpu", "nvidia", "cuda0") else ""
-        raise UserError(f"--device {device} is not a device{hint}: use cuda, cuda:N or cpu") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise UserError(f"--device {device}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
-                            f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError(f"--device {device}: no Apple GPU (MPS) is available here; use --device cpu")
-    elif parsed.type != "cpu":
-        raise UserError(f"--device {device} is not supported: minti runs on cuda (NVIDIA GPUs) or cpu")
-    return device
-
-
-def load_model(model: str, device: str | None, dtype: str | None, prediction: str | None,
-               weights: str | None = None):
-    import torch
-
-    import minti
-
-    device = resolve_device(device)
-    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
-    if not Path(model).exists():
-        reason = missing_path(model)
-        raise UserError(f"--model {model} {reason}" + (": pass a .safetensors/.ckpt file or a diffusers folder"
-                                                       if reason == "does not exist" else ""))
-    return minti.load(model, dtype=getattr(torch, dtype), device=device, prediction=prediction,
-                      weights=None if weights in (None, "dtype") else weights)
+def resolve_many(args: argparse.Namespace) -> tuple[dict, list[TrainConfig], Path]:
+    """--concepts FILE or --resume DIR of a run of several: -> (load settings, one TrainConfig per
+    concept, the run's folder)."""
+    if args.concepts is not None and args.resume is not None:
+        raise UserError("pass --concepts FILE to start a run of several concepts or --resume DIR to continue one, "
+                        "not both")
+    for flag in ("token", "images"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} is set per concept in a run of several: put it in each [[concept]] table of "
+                            f"{args.concepts}" if args.concepts is not None else
+                            f"--{flag} is set per concept in a run of several: --resume {args.resume} continues "
+                            "each with its own")
+    namespaces = []
+    if args.concepts is not None:
+        if args.model is None:
+            raise UserError(f"--concepts {args.concepts} needs --model: the checkpoint every concept is trained on")
+        root = Path(args.output or Path("runs") / Path(args.concepts).stem)
+        for concept in read_concepts(args.concepts):
+            ns = copy.copy(args)
+            for key in SETTINGS:
+                if key in concept.settings:
+                    setattr(ns, key, concept.settings[key])
+            ns.output = str(root / concept.name)
+            namespaces.append(ns)
+    else:
+        root = Path(args.resume)
+        for folder in joint_run_folders(root):
+            ns = copy.copy(args)
+            ns.resume = str(folder)
+            ns.output = str(Path(args.output) / folder.name) if args.output else None
+            namespaces.append(ns)
+    resolved = [resolve(ns) for ns in namespaces]
+    load = resolved[0][0]
+    models = {str(Path(lo["model"]).resolve()) for lo, _ in resolved}
+    if len(models) > 1:
+        raise UserError(f"the concepts in {root} were trained on different models ({', '.join(sorted(models))}): "
+                        "resume each concept's folder on its own")
+    return load, [config for _, config in resolved], root
 
 
-def refuse_if_memory_cannot_fit(load: dict, config: TrainConfig) -> None:
+def refuse_if_memory_cannot_fit(load: dict, configs: list[TrainConfig]) -> None:
     """Plan --memory auto from the checkpoint's shapes (a meta load reads headers only) before the
     weights go onto the GPU, so that a card even --memory low cannot fit is refused with the
-    numbers and what would fit, instead of running out of memory later."""
-    import torch
-
-    import minti
-    from minti.training import memory
-
+    numbers and what would fit, instead of running out of memory later. One batch holds every
+    concept's samples: the plan is for all of them."""
+    config = configs[0]
     device = resolve_device(load["device"])
     on_cuda = device.startswith("cuda") and torch.cuda.is_available()
     if config.memory != "auto" or (config.vram is None and not on_cuda) or not Path(load["model"]).exists():
         return
-    dtype = load["dtype"] or ("float16" if device.startswith("cuda") else "float32")
-    weights = None if load.get("weights") in (None, "dtype") else load["weights"]
+    dtype = load["dtype"] or default_dtype(device)
     meta = minti.load(load["model"], dtype=getattr(torch, dtype), device="meta", prediction=load["prediction"],
-                      weights=weights)
+                      weights=stored_weights(load.get("weights")))
     budget = int(config.vram * 2**30) if config.vram is not None else torch.cuda.mem_get_info(torch.device(device))[0]
-    memory.choose(meta, config.resolution or meta.default_size, config.batch_size, budget)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One carriage-return line on a terminal; a line every ~5% when stderr is a file/pipe."""
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = getattr(stream, "isatty", lambda: False)()
-        self.recent: list[float] = []
-        self.skipped = 0
-        self.open_line = False  # a carriage-return line is on screen without its newline
-
-    def __call__(self, info) -> None:
-        import math
-
-        if math.isfinite(info.loss):
-            self.recent = (self.recent + [info.loss])[-50:]
-        self.skipped += info.skipped
-        loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
-        line = (f"step {info.step}/{info.total}  loss {loss:.4f}  lr {info.lr:.2e}  "
-                f"{info.steps_per_second:.2f} it/s")
-        if info.peak_memory is not None:
-            line += f"  peak {info.peak_memory / 2**30:.2f} GiB"
-        if info.loss_scale is not None:
-            line += f"  scale {info.loss_scale:.0f}" + (f" ({self.skipped} skipped)" if self.skipped else "")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100)[:160])
-            self.open_line = True
-        else:
-            every = max(1, info.total // 20)
-            if info.step % every == 0 or info.step >= info.total:
-                self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def mean_loss(self) -> float:
-        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
-
-    def close(self) -> None:
-        if self.open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open_line = False
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to whatever sys.stderr is at the time (not the one bound when the CLI first ran)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging() -> None:
-    logger = logging.getLogger("minti")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("minti: %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO)
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+    memory.choose(meta, config.resolution or meta.default_size, sum(c.batch_size for c in configs), budget)
 
 
 def run(args: argparse.Namespace) -> int:
-    from minti.training import distributed
-    from minti.training.concepts import joint_run_folders
-    from minti.training.run_folder import RunFolder
-    from minti.training.trainer import _validate, train
-
-    if args.concepts is not None or joint_run_folders(args.resume):
-        from minti.cli import train_many
-
-        return train_many.run(args)
+    several = args.concepts is not None or bool(joint_run_folders(args.resume))
     setup_logging()
     world = distributed.launched()  # under torchrun: this process's rank; rank 0 alone reports
     distributed.quiet_unless_writer(world)
-    load, config = resolve(args)
+    if several:
+        load, configs, root = resolve_many(args)
+    else:
+        load, config = resolve(args)
+        configs, root = [config], config.output
     load["device"] = distributed.device_for_rank(load["device"], world)
     # what can be refused without the model is refused before it loads (minutes for SDXL)
-    if config.steps < 1:  # in Python, steps=0 returns the starting vectors; here it would save nothing
-        raise UserError(f"--steps must be >= 1, got {config.steps}")
-    _validate(config)
+    for config in configs:
+        if config.steps < 1:  # in Python, steps=0 returns the starting vectors; here it would save nothing
+            raise UserError(f"--steps must be >= 1, got {config.steps}")
+        _validate(config)
     resolve_device(load["device"])
-    RunFolder(config.output).check_start(config)
+    for config in configs:
+        RunFolder(config.output).check_start(config)
     if args.model is None and args.resume is None:
-        print(f"minti train: no --model: the demo, {config.token} (init {config.init!r}) on {config.images} with "
-              f"{load['model']}, {config.steps} steps, into {config.output}; pass --model to train your own",
-              file=sys.stderr)
+        announce_demo(load, configs[0])
     started = time.perf_counter()
-    refuse_if_memory_cannot_fit(load, config)
+    refuse_if_memory_cannot_fit(load, configs)
     try:
         sd = load_model(load["model"], load["device"], load["dtype"], load["prediction"], load["weights"])
     except KeyboardInterrupt:  # before training there is nothing to save
         print("minti train: interrupted while loading the model; nothing saved", file=sys.stderr)
         return 130
-    progress = Progress(None if world.writes else open(os.devnull, "w"))
+    progress = Progress()
     try:
-        emb = train(sd, config, on_step=progress)
+        embeddings = train_many(sd, configs, on_step=progress if world.writes else None)
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: saves are atomic, the last one stands
         progress.close()
-        kept = " (the last save there is intact)" if (Path(config.output) / "state.pt").exists() else ""
-        print(f"minti train: interrupted; nothing more saved in {config.output}{kept}", file=sys.stderr)
+        kept = " (the last save there is intact)" if (Path(root) / "state.pt").exists() else ""
+        print(f"minti train: interrupted; nothing more saved in {root}{kept}", file=sys.stderr)
         return 130
     finally:
         progress.close()
     if not world.writes:
         return 0
+    if several:
+        report_several(configs, embeddings, root, started)
+    else:
+        report_one(sd, load, configs[0], embeddings[0], progress, started)
+    return 0
+
+
+def announce_demo(load: dict, config: TrainConfig) -> None:
+    print(f"minti train: no --model: the demo, {config.token} (init {config.init!r}) on {config.images} with "
+          f"{load['model']}, {config.steps} steps, into {config.output}; pass --model to train your own",
+          file=sys.stderr)
+
+
+def report_one(sd, load: dict, config: TrainConfig, emb, progress: Progress, started: float) -> None:
+    """The closing lines of a run of one concept: its files, or where it stopped; the demo's grid."""
     out = Path(config.output)
     files = list(RunFolder(out).embedding_files(emb))
-    elapsed = _duration(time.perf_counter() - started)
+    elapsed = duration(time.perf_counter() - started)
     if emb.step < config.steps:
         if emb.step == 0 and not (out / "state.pt").exists():
             print(f"minti train: stopped before the first step; nothing saved", file=sys.stderr)
-            return 0
+            return
         print(f"minti train: stopped at step {emb.step}/{config.steps}; saved {files[0]} "
               f"(+ state). Resume with: python -m minti train --resume {out}", file=sys.stderr)
-        return 0
+        return
     print(f"minti train: {config.token} trained for {emb.step} steps in {elapsed} (loss {progress.mean_loss():.4f}, "
           f"mean of the last {len(progress.recent)}): {', '.join(str(f) for f in files)}")
     if load["demo"]:
@@ -321,13 +259,29 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:  # the embedding is saved; the grid and summary are extras
             print(f"minti train: warning: could not write the demo's grid and summary ({e}); the embedding is "
                   f"saved: {files[0]}", file=sys.stderr)
-    return 0
 
 
-def demo_report(sd, config, emb) -> None:
+def report_several(configs: list[TrainConfig], embeddings: list, root: Path, started: float) -> None:
+    """The closing lines of a run of several concepts: each one's file or where it stopped."""
+    elapsed = duration(time.perf_counter() - started)
+    stopped = False
+    for config, emb in zip(configs, embeddings):
+        out = Path(config.output)
+        if emb.step < config.steps:
+            stopped = True
+            saved = f"saved {out / f'{emb.name}.safetensors'}" if emb.step > 0 else "nothing saved"
+            print(f"minti train: {config.token} stopped at step {emb.step}/{config.steps}; {saved}", file=sys.stderr)
+        else:
+            print(f"minti train: {config.token} trained for {emb.step} steps: {out / f'{emb.name}.safetensors'}")
+    if stopped:
+        print(f"minti train: resume all {len(configs)} concepts with: python -m minti train --resume {root}",
+              file=sys.stderr)
+    else:
+        print(f"minti train: {len(configs)} concepts trained together in {elapsed} into {root}")
+
+
+def demo_report(sd, config: TrainConfig, emb) -> None:
     """After the demo: the init-vs-learned grid, its concept scores and the held-out losses."""
-    from minti.demo import demo
-
     started = time.perf_counter()
     print(f"minti train: drawing the init-vs-learned grid ({2 * demo.GRID_SEEDS} images, {config.preview_steps} "
           "DDIM steps each)...", file=sys.stderr)
@@ -335,7 +289,7 @@ def demo_report(sd, config, emb) -> None:
     out = Path(config.output)
     print(f"minti train: grid {out / demo.GRID_FILE} (top: the concept images; then {ev.init_label!r}; then "
           f"{ev.prompt!r}; {len(ev.seeds)} seeds), summary {out / demo.SUMMARY_FILE} "
-          f"({_duration(time.perf_counter() - started)})")
+          f"({duration(time.perf_counter() - started)})")
     print(f"minti train: concept score vs {config.images} (lower = closer): init {ev.init_score:.3f}, learned "
           f"{ev.learned_score:.3f}; loss on held-out (timestep, noise) pairs: init {ev.heldout_init:.5f}, "
           f"learned {ev.heldout_learned:.5f}")

@@ -17,6 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import minti.cli.common as cli_common
+import minti.cli.sample as cli_sample
+import minti.cli.train as cli_train
 from minti import atomic
 from minti.cli import main
 from minti.training.embedding import Embedding, load_embedding
@@ -53,9 +56,7 @@ def model_cache():
 @pytest.fixture(autouse=True)
 def cached_model(monkeypatch, model_cache):
     """Load each model once per module: the runs here test what happens around the model."""
-    import minti.cli.train as cli_train
-
-    real = cli_train.load_model
+    real = cli_common.load_model
 
     def load_model(model, device, dtype, prediction, weights=None):
         key = (str(Path(model).resolve()) if Path(model).exists() else model, device, dtype, prediction, weights)
@@ -63,13 +64,20 @@ def cached_model(monkeypatch, model_cache):
             model_cache[key] = real(model, device, dtype, prediction, weights)
         return model_cache[key]
 
-    monkeypatch.setattr(cli_train, "load_model", load_model)
+    for command in (cli_train, cli_sample):
+        monkeypatch.setattr(command, "load_model", load_model)
 
 
 def train_args(model, images, out, *extra) -> list[str]:
     return ["train", "--model", str(model), "--images", str(images), "--token", "<x>", "--init", "shape",
             "--resolution", "64", "--steps", "2", "--batch-size", "1", "--device", "cpu", "--preview-every", "0",
             "--save-every", "0", "--output", str(out), *extra]
+
+
+def python_snippet(code: str, argument: Path) -> subprocess.CompletedProcess:
+    """`code` run by a Python process of its own (with this checkout importable), `argument` its sys.argv[1]."""
+    return subprocess.run([sys.executable, "-c", code, str(argument)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
 def cli(capsys, argv) -> tuple[int, list[str], str]:
@@ -232,8 +240,7 @@ def test_a_real_file_size_limit_under_torch_save_becomes_a_write_error(tmp_path)
             "    atomic.torch_save({'x': torch.zeros(100_000)}, sys.argv[1])\n"
             "except atomic.WriteError as e:\n"
             "    print(e)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state.pt")], capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = python_snippet(code, tmp_path / "state.pt")
     assert result.stdout.strip() == f"cannot write {tmp_path / 'state.pt'}: the file-size limit was reached " \
                                     "(File too large; see ulimit -f)", result.stderr
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
@@ -427,16 +434,13 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path):
             "builtins.__import__ = interrupt\n"
             "sys.argv = ['minti', 'inspect', sys.argv[1]]\n"
             "runpy.run_module('minti', run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.safetensors")], capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = python_snippet(code, tmp_path / "model.safetensors")
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], lines
 
 
 def test_the_first_ctrl_c_in_training_says_it_was_received(tiny, images, tmp_path, capsys, monkeypatch):
-    import minti.cli.train as cli_train
-
     class InterruptAfterStep1(cli_train.Progress):
         def __call__(self, info):
             super().__call__(info)

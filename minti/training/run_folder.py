@@ -2,7 +2,7 @@
 
     config.json                  the resolved run; `python -m minti train --resume DIR` reads it back
     <name>.safetensors, <name>.pt, learned_embeds.safetensors
-                                 the embedding (formats: minti.training.embedding)
+                                 the embedding (minti.training.embedding.FORMATS)
     <name>-<step>.safetensors    intermediate saves
     state.pt                     vectors, optimizer, loss scaler and RNG: what resume needs
     loss.jsonl                   one line per optimizer step
@@ -33,11 +33,11 @@ from typing import Iterator
 
 import torch
 
-from minti import atomic
+from minti.atomic import WriteError, folder_problem, torch_save, write_text
 from minti.errors import RunError, UserError, missing_path
 from minti.training.report import REPORT_FILE
 from minti.training.config import TrainConfig, known_fields
-from minti.training.embedding import Embedding, file_stem
+from minti.training.embedding import FORMATS, Embedding, file_stem
 from minti.version import __version__
 
 log = logging.getLogger("minti")
@@ -53,9 +53,9 @@ def run_files(name: str) -> list[str]:
     """Patterns (regular expressions on the path relative to the run folder) of every file a run
     of the token whose file name is `name` writes."""
     n = re.escape(name)
-    return [re.escape(CONFIG_FILE), re.escape(STATE_FILE), re.escape(LOSS_LOG), rf"{n}\.safetensors", rf"{n}\.pt",
-            r"learned_embeds\.safetensors", rf"{n}-\d+\.safetensors", rf"{PREVIEWS}/{n}-\d+\.png",
-            rf"{n}\.png", re.escape(REPORT_FILE)]
+    return [re.escape(CONFIG_FILE), re.escape(STATE_FILE), re.escape(LOSS_LOG),
+            *(re.escape(f.file_name(name)) for f in FORMATS.values()), rf"{n}-\d+\.safetensors",
+            rf"{PREVIEWS}/{n}-\d+\.png", rf"{n}\.png", re.escape(REPORT_FILE)]
 
 
 def checkpoint_short_hash(path: str | Path) -> str | None:
@@ -114,7 +114,7 @@ class RunFolder:
                             f"wrote: {shown}; pick another --output, or pass --overwrite to replace them")
 
     def _check_writable(self) -> None:
-        if (problem := atomic.folder_problem(self.path)) is not None:
+        if (problem := folder_problem(self.path)) is not None:
             raise UserError(f"--output {self.path} {problem}" + (" (the run writes several files into it)"
                                                                  if problem.startswith("is a file") else ""))
 
@@ -167,7 +167,7 @@ class RunFolder:
                   "minti": __version__}
         with self._writing(CONFIG_FILE):
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+            write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
 
     @contextmanager
     def _writing(self, name: str) -> Iterator[None]:
@@ -175,7 +175,7 @@ class RunFolder:
         try:
             yield
         except OSError as e:
-            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
+            reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
             raise RunError(f"cannot write {self.path / name} ({reason}) before the first step; free space (or pick "
                            "another --output) and run again") from None
 
@@ -205,13 +205,10 @@ class RunFolder:
 
     # -- saving -------------------------------------------------------------------------------
     def embedding_files(self, embedding: Embedding) -> dict[Path, tuple[str, ...]]:
-        """file -> the format written there. Named by the token, each as a file path, so that the
-        folder's own name never matters (a folder may well be called my-cat.pt)."""
-        if embedding.is_sdxl:
-            return {self.path / f"{embedding.name}.safetensors": ("safetensors",)}
-        return {self.path / f"{embedding.name}.safetensors": ("safetensors",),
-                self.path / f"{embedding.name}.pt": ("pt",),
-                self.path / "learned_embeds.safetensors": ("diffusers",)}
+        """file -> the format written there: each format that holds the embedding, under its file
+        name. Each saved as a file path, so that the folder's own name never matters (a folder may
+        well be called my-cat.pt)."""
+        return {self.path / FORMATS[fmt].file_name(embedding.name): (fmt,) for fmt in embedding.formats}
 
     def save(self, embedding: Embedding, identity: dict, optimizer: torch.optim.Optimizer, scaler,
              intermediate: bool = False, optimizer_state: dict | None = None) -> list[Path]:
@@ -236,9 +233,9 @@ class RunFolder:
             for path, formats in files.items():
                 embedding.save(path, formats=formats)
                 written.append(path)
-            atomic.torch_save(state, self.path / STATE_FILE)
+            torch_save(state, self.path / STATE_FILE)
         except OSError as e:
-            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
+            reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
             done = f"{', '.join(p.name for p in written)} of step {embedding.step} written, " if written else ""
             earlier = (self.path / STATE_FILE).exists()
             kept = (f"the state of step {self.saved_step} is intact" if self.saved_step is not None
@@ -263,7 +260,7 @@ class RunFolder:
                 except (ValueError, KeyError):
                     continue
         with self._writing(LOSS_LOG):
-            atomic.write_text(path, "".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def log_loss(self, record: dict) -> None:
         """One line of loss.jsonl. The log is for reading, not resuming: a failed write (a full disk)

@@ -21,7 +21,9 @@ import math
 import re
 from pathlib import Path
 
-from minti import atomic
+from PIL import Image
+
+from minti.atomic import write_text
 
 log = logging.getLogger("minti")
 
@@ -114,8 +116,6 @@ def _chart(title: str, steps: list[int], series: list[tuple[str, str, list[float
 def _png_data(path: Path) -> str:
     """The image as a data: URL, scaled down when larger than THUMBNAIL."""
     data = path.read_bytes()
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         if max(img.size) > THUMBNAIL:
             img.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -206,7 +206,7 @@ def render(folder: str | Path) -> str:
 def write(folder: str | Path) -> Path:
     """Write folder/report.html atomically; -> its path."""
     path = Path(folder) / REPORT_FILE
-    atomic.write_text(path, render(folder))
+    write_text(path, render(folder))
     return path
 
 

@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     from minti.training import distributed
     from minti.training.concepts import joint_run_folders
     from minti.training.run_folder import RunFolder
-    from minti.training.trainer import _validate, train
+    from minti.training.trainer import train
 
     if args.concepts is not None or joint_run_folders(args.resume):
         from minti.cli import train_many
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     # what can be refused without the model is refused before it loads (minutes for SDXL)
     if config.steps < 1:  # in Python, steps=0 returns the starting vectors; here it would save nothing
         raise UserError(f"--steps must be >= 1, got {config.steps}")
-    _validate(config)
+    config.validate()
     resolve_device(load["device"])
     RunFolder(config.output).check_start(config)
     if args.model is None and args.resume is None:

@@ -11,8 +11,9 @@ from checkpoints import make_single_file
 from minti.cli import build_parser, main
 from minti.cli.train import resolve
 from minti.demo import demo
+from minti.training.config import TrainConfig
 from minti.training.run_folder import RunFolder
-from minti.training.trainer import TrainConfig, train
+from minti.training.trainer import train
 from test_demo import FAST, MARGIN, MIN_HELDOUT_DROP, SHIPPED_MODEL, demo_env, tiny  # noqa: F401 (fixtures)
 
 

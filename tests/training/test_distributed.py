@@ -24,6 +24,7 @@ from minti.training import distributed
 from minti.training.config import TrainConfig
 from minti.training.embedding import load_embedding
 from minti.training.run_folder import RunFolder
+from minti.training.setup import _warn_if_the_batch_changes
 from minti.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,8 +128,6 @@ def test_a_run_resumes_on_another_number_of_ranks(tiny_sd, tmp_path):
 
 
 def test_resuming_on_another_process_count_warns_when_the_images_per_step_change(tiny_sd, tmp_path, caplog):
-    from minti.training.trainer import _warn_if_the_batch_changes
-
     train(tiny_sd, cfg("<wb>", tmp_path / "start", batch_size=2, steps=1))
     assert json.loads((tmp_path / "start" / "config.json").read_text())["world_size"] == 1
     assert torch.load(tmp_path / "start" / "state.pt", weights_only=True)["world_size"] == 1

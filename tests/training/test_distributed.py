@@ -50,15 +50,14 @@ def _free_port() -> int:
 def _rank_main(rank, port, job, sd, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **{distributed.TIMEOUT_ENV: str(TIMEOUT_S)})
-    started = time.perf_counter()
     try:
         results.put((rank, job(rank, sd)))
     except Exception as e:  # noqa: BLE001  (the test reads what each rank ended with)
-        results.put((rank, {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - started}))
+        results.put((rank, {"error": f"{type(e).__name__}: {e}"}))
 
 
 def on_two_ranks(sd, job, wait_s=60):
-    """Run job(rank, sd) in two forked ranks -> {rank: what it returned, or {"error", "seconds"}}.
+    """Run job(rank, sd) in two forked ranks -> {rank: what it returned, or {"error"}}.
     A rank that never reports (killed, stopped) is missing; it is killed at the end."""
     ctx = mp.get_context("fork")
     results = ctx.Queue()
@@ -157,8 +156,9 @@ def test_a_lost_rank_ends_the_other_with_a_clear_message_instead_of_a_hang(tiny_
     error = ranks[0]["error"]
     assert error.startswith("RunError: rank 0 of 2 lost the other ranks during step 2"), error
     assert f"within {TIMEOUT_S} s" in error and "\n" not in error and str(tmp_path / "run") in error
-    # a hang is noticed by the timeout, a crash at once (its sockets close)
-    assert ranks[0]["seconds"] < TIMEOUT_S + 10
+    # rank 0 reported (on_two_ranks gives up on a rank after 30 s): a hang is noticed by the timeout,
+    # a crash at once, by its closed sockets, not by waiting the timeout out
+    assert ("Timed out" in error) == (how == signal.SIGSTOP), error
     assert load_embedding(tmp_path / "run" / "lost.pt").step == 1  # the last step both ranks finished
 
 

@@ -361,12 +361,20 @@ def test_minti_train_is_the_training_function_in_any_import_order(sd1, images):
 
 
 def test_every_memory_mode_trains_to_the_same_vectors(ckpts, images):
-    results = {}
-    for mode in ("fast", "low", "auto"):
+    # on the CPU, auto without a budget is fast: a --vram halfway between what low and fast need
+    # makes it recompute some blocks, so that fast (none), low (all) and auto (some) differ
+    sd = minti.load(ckpts["sd1"], dtype=torch.float32, device="cpu")
+    costs = memory.attributed_costs(sd, RES, 1)
+    every = frozenset(range(costs.n_blocks))
+    low = memory.need_bytes(memory.traced_peak(sd, RES, 1, every), costs.weights)
+    fast = memory.need_bytes(costs.peak(frozenset()), costs.weights)
+    results, recomputed = {}, {}
+    for mode, vram in (("fast", None), ("low", None), ("auto", (low + fast) / 2 / memory.GiB)):
         sd = minti.load(ckpts["sd1"], dtype=torch.float32, device="cpu")
-        emb = train(sd, cfg(images, token="<mem>", memory=mode, steps=3))
-        results[mode] = emb.vectors[0]
-        assert sd.unet.checkpointing == (mode == "low")  # auto on the CPU: fast
+        emb = train(sd, cfg(images, token="<mem>", memory=mode, vram=vram, steps=3))
+        results[mode], recomputed[mode] = emb.vectors[0], sd.unet.recompute
+    assert recomputed["fast"] == frozenset() and recomputed["low"] == every
+    assert frozenset() < recomputed["auto"] < every, sorted(recomputed["auto"])
     ref = results["fast"]
     for mode in ("low", "auto"):
         assert (results[mode] - ref).abs().max() <= 1e-5 * ref.abs().max()

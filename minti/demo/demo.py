@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from minti.atomic import save_png, write_text
+import minti.atomic as atomic
 from minti.demo import toy_images
 from minti.errors import UserError
 from minti.training import templates as tpl
@@ -239,10 +239,10 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
         grid = _grid([(f"concept images ({Path(config.images).name}/)", refs),
                       (f"init: {init_label}   concept score {ev.init_score:.2f}", images["init"]),
                       (f"learned: {prompt}   concept score {ev.learned_score:.2f}", images["learned"])])
-        save_png(grid, out / GRID_FILE)
+        atomic.save_png(grid, out / GRID_FILE)
         summary = dict(ev.__dict__, images=str(config.images), token=config.token, init=config.init,
                        train_steps=config.steps, lr=config.lr, batch_size=config.batch_size,
                        trained_weights=trained_on, evaluated_weights="dtype",
                        note="concept score: lower = closer to the concept images (minti.demo.concept_score)")
-        write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return ev

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageEr
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from minti.atomic import atomic_path, save_safetensors, torch_save
+import minti.atomic as atomic
 from minti.errors import missing_path
 from minti.loading.checkpoint import file_format, what_it_is_instead
 from minti.loading.families import FAMILIES
@@ -138,9 +138,9 @@ class Embedding:
 def _write(data: dict, path: Path, meta: dict[str, str]) -> None:
     """The suffix says how the file is encoded: .safetensors, else a torch pickle."""
     if path.suffix.lower() != ".safetensors":
-        torch_save(data, path)
+        atomic.torch_save(data, path)
     else:
-        save_safetensors(data, path, metadata=meta)
+        atomic.save_safetensors(data, path, metadata=meta)
 
 
 # ----------------------------------------------------------------------------- the formats
@@ -403,7 +403,7 @@ def save_png_card(emb: Embedding, image, path: str | Path) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_CARD_KEY, base64.b64encode(json.dumps(_jsonable(card_data(emb))).encode("utf-8")))
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         card.save(tmp, format="PNG", pnginfo=info)
     return path
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from minti.atomic import write_text
+import minti.atomic as atomic
 
 log = logging.getLogger("minti")
 
@@ -206,7 +206,7 @@ def render(folder: str | Path) -> str:
 def write(folder: str | Path) -> Path:
     """Write folder/report.html atomically; -> its path."""
     path = Path(folder) / REPORT_FILE
-    write_text(path, render(folder))
+    atomic.write_text(path, render(folder))
     return path
 
 

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from minti.atomic import WriteError, folder_problem, torch_save, write_text
+import minti.atomic as atomic
 from minti.errors import RunError, UserError, missing_path
 from minti.training.report import REPORT_FILE
 from minti.training.config import TrainConfig, known_fields
@@ -114,7 +114,7 @@ class RunFolder:
                             f"wrote: {shown}; pick another --output, or pass --overwrite to replace them")
 
     def _check_writable(self) -> None:
-        if (problem := folder_problem(self.path)) is not None:
+        if (problem := atomic.folder_problem(self.path)) is not None:
             raise UserError(f"--output {self.path} {problem}" + (" (the run writes several files into it)"
                                                                  if problem.startswith("is a file") else ""))
 
@@ -167,7 +167,7 @@ class RunFolder:
                   "minti": __version__}
         with self._writing(CONFIG_FILE):
             self.path.mkdir(parents=True, exist_ok=True)
-            write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+            atomic.write_text(self.path / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
 
     @contextmanager
     def _writing(self, name: str) -> Iterator[None]:
@@ -175,7 +175,7 @@ class RunFolder:
         try:
             yield
         except OSError as e:
-            reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
+            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
             raise RunError(f"cannot write {self.path / name} ({reason}) before the first step; free space (or pick "
                            "another --output) and run again") from None
 
@@ -233,9 +233,9 @@ class RunFolder:
             for path, formats in files.items():
                 embedding.save(path, formats=formats)
                 written.append(path)
-            torch_save(state, self.path / STATE_FILE)
+            atomic.torch_save(state, self.path / STATE_FILE)
         except OSError as e:
-            reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
+            reason = e.reason if isinstance(e, atomic.WriteError) else (e.strerror or str(e))
             done = f"{', '.join(p.name for p in written)} of step {embedding.step} written, " if written else ""
             earlier = (self.path / STATE_FILE).exists()
             kept = (f"the state of step {self.saved_step} is intact" if self.saved_step is not None
@@ -260,7 +260,7 @@ class RunFolder:
                 except (ValueError, KeyError):
                     continue
         with self._writing(LOSS_LOG):
-            write_text(path, "".join(line + "\n" for line in kept))
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
 
     def log_loss(self, record: dict) -> None:
         """One line of loss.jsonl. The log is for reading, not resuming: a failed write (a full disk)

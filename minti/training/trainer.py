@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from minti.atomic import WriteError, save_png
+import minti.atomic as atomic
 from minti.diffusion import alphas_cumprod
 from minti.errors import RunError, UserError
 from minti.sampling import decode, generate, to_pil
@@ -230,10 +230,10 @@ def _preview(sd, c: Concept, step: int) -> None:
     pixels = decode(sd, latents)  # the VAE comes back for this only, the UNet waits on the host
     path = c.folder.preview_path(file_stem(config.token), step)
     try:
-        save_png(to_pil(pixels)[0], path)
+        atomic.save_png(to_pil(pixels)[0], path)
     except OSError as e:  # a preview is for looking at: a full disk here must not end (or lose) the run
         log.warning("could not write the preview %s (%s); training goes on", path, e.reason
-                    if isinstance(e, WriteError) else e.strerror or e)
+                    if isinstance(e, atomic.WriteError) else e.strerror or e)
     report.write_quietly(c.folder.path)
 
 

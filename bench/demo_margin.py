@@ -23,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from minti.cli import main as minti_main  # noqa: E402
+from minti.demo import demo  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,10 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo-margin")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args, train_flags = p.parse_known_args(argv)
-
-    from minti.demo import demo
-    from minti.cli import main as minti_main
-
     if (why := demo.missing()) is not None:
         print(why, file=sys.stderr)
         return 1

@@ -31,6 +31,7 @@ from minti.errors import UserError  # noqa: E402
 from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss  # noqa: E402
 from minti.training import memory  # noqa: E402
 from minti.training.memtrace import MemoryTracer  # noqa: E402
+from minti.kernels import flash_attention  # noqa: E402
 from minti.loading.pipeline import random_model  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
@@ -132,8 +133,6 @@ def run_reference(family: str, resolution: int, batch: int, device: torch.device
 
 
 def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-    from minti.kernels import flash_attention
-
     return flash_attention(q, k, v, causal=is_causal or attn_mask is not None, scale=scale)
 
 

@@ -65,6 +65,8 @@ class Reference:
 
 
 def build(family: str, device: torch.device | str) -> Reference:
+    # here, not at the top: diffusers and transformers are optional (not minti's dependencies), and
+    # bench/step.py and bench/memory.py import this module also for runs that never build the reference
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

@@ -7,7 +7,7 @@
 
 --concepts K...: one step of K concepts sharing a batch (minti.train_many, batch 1 each: one
 UNet batch of K) against K separate batch-1 steps, both through the trainer's own step
-functions (_forward_backward, _optimizer_step). On CUDA the median wall time of each; without
+(minti.training.step: forward_backward, optimizer_step). On CUDA the median wall time of each; without
 CUDA the FLOPs of each on a meta trace, which sharing the batch cannot change (the work per
 sample is the same; the gain on a GPU is a batch large enough to fill it).
 
@@ -58,7 +58,14 @@ import memory as memory_bench  # noqa: E402  (bench/memory.py: minti's step, the
 import reference  # noqa: E402
 
 import minti.kernels  # noqa: E402,F401  (defines the minti:: custom ops)
-from minti.training import memory  # noqa: E402
+from minti.diffusion import alphas_cumprod  # noqa: E402
+from minti.loading.pipeline import random_model  # noqa: E402
+from minti.training import distributed, memory  # noqa: E402
+from minti.training.config import TrainConfig  # noqa: E402
+from minti.training.data import SourceImage, TrainingData, Variant  # noqa: E402
+from minti.training.norm import NormControl  # noqa: E402
+from minti.training.placeholder import register_token  # noqa: E402
+from minti.training.step import Concept, LossScaler, Vectors, forward_backward, optimizer_step  # noqa: E402
 
 FAMILIES = memory_bench.FAMILIES
 ATTENTION_FWD = torch.ops.minti.flash_attn_fwd
@@ -281,45 +288,36 @@ def run_cpu(args) -> dict:
 def build_concepts(family: str, resolution: int, k: int, device: torch.device):
     """K concepts as minti.train_many holds them (each its token, one vector per text encoder,
     AdamW, loss scaler and one cached latent, batch 1) on a random full-size model -> (sd, concepts, acp)."""
-    from minti.diffusion import alphas_cumprod
-    from minti.loading.pipeline import random_model
-    from minti.training import trainer
-    from minti.training.config import TrainConfig
-    from minti.training.data import SourceImage, TrainingData, Variant
-    from minti.training.norm import NormControl
-
     sd = random_model(family, torch.float16, device)
     sd.offload_vae()  # latents are cached before training; the VAE is not on the device
     concepts = []
     for i in range(k):
         token = f"<bench{i}>"
         config = TrainConfig(token=token, images="-", resolution=resolution, seed=i)
-        offset = trainer.register_token(sd, token, 1)
+        offset = register_token(sd, token, 1)
         image = SourceImage(Path(f"{i}.png"), torch.zeros(3, resolution, resolution, device="meta"), None)
         data = TrainingData([image], resolution, ["a photo of [name]"], token, seed=i)
         data.variants = [Variant(0, 0, 0, False, (resolution, resolution), (0, 0), (resolution, resolution))]
         data.latents = [torch.zeros(4, resolution // 8, resolution // 8)]  # on the host, as the trainer keeps them
-        vectors = trainer._Vectors(token, [torch.nn.Parameter(torch.zeros(1, d, device=device))
-                                           for d in sd.embedding_dims], offset, None, "bench")
+        vectors = Vectors(token, [torch.nn.Parameter(torch.zeros(1, d, device=device)) for d in sd.embedding_dims],
+                          offset, None, "bench")
         optimizer = torch.optim.AdamW(vectors.params, lr=5e-3, weight_decay=0.0)
-        scaler = trainer.LossScaler(2.0 ** 16 if device.type == "cuda" else None)
-        concepts.append(trainer._Concept(config, data, vectors, optimizer, scaler, lambda step: 5e-3, None, "",
-                                         NormControl.from_config("off", None, [])))
+        scaler = LossScaler(2.0 ** 16 if device.type == "cuda" else None)
+        concepts.append(Concept(config, data, vectors, optimizer, scaler, lambda step: 5e-3, None, "",
+                                NormControl.from_config("off", None, [])))
     return sd, concepts, alphas_cumprod().to(device, torch.float32)
 
 
 def concepts_step(sd, concepts, acp) -> None:
     """One optimizer step of these concepts in one shared batch, as train_many's loop runs it."""
-    from minti.training import distributed, trainer
-
-    losses = trainer._forward_backward(sd, concepts, acp, distributed.World())
+    losses = forward_backward(sd, concepts, acp, distributed.World())
     if losses.device.type == "meta":  # no values to check: AdamW as the trainer calls it
         for c in concepts:
             c.optimizer.step()
             c.optimizer.zero_grad(set_to_none=True)
         return
     for c, loss in zip(concepts, losses.tolist()):
-        trainer._optimizer_step(c, loss, 5e-3)
+        optimizer_step(c, loss, 5e-3)
 
 
 def run_concepts(args) -> dict:

@@ -33,7 +33,6 @@ from minti.training.concepts import SETTINGS, joint_run_folders, read_concepts
 from minti.training.config import DEVICE, GROUPS, WHAT, TrainConfig, known_fields
 from minti.training.embedding import file_stem
 from minti.training.run_folder import RunFolder
-from minti.training.trainer import _validate
 from minti.training.trainer import train_many
 
 
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     for config in configs:
         if config.steps < 1:  # in Python, steps=0 returns the starting vectors; here it would save nothing
             raise UserError(f"--steps must be >= 1, got {config.steps}")
-        _validate(config)
+        config.validate()
     resolve_device(load["device"])
     for config in configs:
         RunFolder(config.output).check_start(config)

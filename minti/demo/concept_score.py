@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minti.demo import toy_images
+from minti.training.data import IMAGE_EXTENSIONS
+
 RES = 64  # images are compared at this resolution (the tiny model's)
 BORDER = 2
 BG_TOL = 30.0  # RGB distance (0..255 scale) from the background's colour set
@@ -89,7 +92,7 @@ def to_arrays(images) -> list[np.ndarray]:
     """PIL images, uint8 [H,W,3] arrays, a float tensor/array [B,3,H,W] in [-1, 1], or a folder
     of image files -> float [RES, RES, 3] arrays on the 0..255 scale."""
     if isinstance(images, (str, Path)):
-        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"no images in {images}")
         images = [Image.open(p) for p in files]
@@ -283,8 +286,6 @@ def concept_score(generated, concept, weights: dict[str, float] | None = None) -
 def calibrate(n: int = 64, seed: int = 1) -> dict[str, float]:
     """The weights that make each component 1 between n random training images and the demo
     concept's images (how WEIGHTS was made)."""
-    from minti.demo import toy_images
-
     images, _ = toy_images.dataset(n, seed=seed, resolution=RES)
     ones = {k: 1.0 for k in WEIGHTS}
     s = concept_score(list(images), [c.image for c in toy_images.concept_samples(5)], ones)

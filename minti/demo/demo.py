@@ -15,11 +15,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from minti.demo import toy_images
-from minti.training import templates as tpl
-from minti.errors import UserError
+from PIL import Image, ImageDraw, ImageFont
 
-# torch is imported inside the functions: the CLI reads this module's constants for its --help
+import minti.atomic as atomic
+from minti.demo import toy_images
+from minti.errors import UserError
+from minti.training import templates as tpl
+
+# torch, and every module that imports it, is imported inside the functions: the CLI reads this
+# module's constants for its --help, which imports in 0.2 s without torch and 2.5 s or more with it
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "weights"  # the repo's weights/, wherever minti is run from
 DEMO_MODEL = WEIGHTS / "minti-tiny.safetensors"
@@ -126,27 +130,20 @@ def learned_beats_init(ev: Evidence | dict, margin: float = 0.0, min_drop: float
     return closer and fits, why
 
 
-def _extra(sd, offset: int, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-    import torch
-
-    # rows for placeholders registered before ours are zeros, as in the trainer
-    return [torch.cat([v.new_zeros(offset, v.shape[1]), v]) if offset else v for v in vectors]
-
-
 def heldout_loss(sd, data, token: str, templates: list[str], extra: list[torch.Tensor],
                  pairs: int = HELDOUT_PAIRS, seed: int = HELDOUT_SEED) -> float:
     """The training objective on fixed (timestep, noise) pairs that training never drew: `pairs`
     per cached concept latent, timesteps evenly spread over the schedule, prompts cycling through
     the templates. Same pairs for any `extra`, so init and learned vectors compare directly."""
-    import torch
+    import torch  # here, not at the top: see the imports
 
-    from minti import diffusion
+    from minti.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss
 
-    acp = diffusion.alphas_cumprod().to(sd.device, torch.float32)
+    acp = alphas_cumprod().to(sd.device, torch.float32)
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.stack(data.latents).repeat_interleave(pairs, dim=0)
     n = x0.shape[0]
-    t = torch.tensor([int((i % pairs + 0.5) * diffusion.NUM_TRAIN_TIMESTEPS / pairs) for i in range(n)])
+    t = torch.tensor([int((i % pairs + 0.5) * NUM_TRAIN_TIMESTEPS / pairs) for i in range(n)])
     noise = torch.randn(x0.shape, generator=gen)
     prompts = [tpl.fill(templates[i % len(templates)], token) for i in range(n)]
     total = 0.0
@@ -155,15 +152,13 @@ def heldout_loss(sd, data, token: str, templates: list[str], extra: list[torch.T
             sl = slice(s, s + 32)
             x, e, tt = x0[sl].to(sd.device), noise[sl].to(sd.device), t[sl].to(sd.device)
             context, _ = sd.encode_tokens(sd.tokenize(prompts[sl]), extra)
-            total += float(diffusion.diffusion_loss(sd.unet, x, e, tt, context, prediction=sd.prediction,
-                                                    acp=acp, reduction="sum"))
+            total += float(diffusion_loss(sd.unet, x, e, tt, context, prediction=sd.prediction, acp=acp,
+                                          reduction="sum"))
     return total / noise.numel()
 
 
 def _grid(rows: list[tuple[str, list]], scale: int = 2):
     """Rows of equal-sized PIL images, each under a one-line label, scaled up (64 px is small)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     size, pad, label_h = rows[0][1][0].size[0] * scale, 4, LABEL_HEIGHT
     try:  # Pillow >= 10.1 scales its bundled font; at the old bitmap's size words run together
         font = ImageFont.load_default(size=LABEL_HEIGHT - 3)
@@ -186,24 +181,25 @@ def full_precision(sd):
     """The model the embedding is evaluated with: `sd` itself, or, when it was trained on fp8
     weights, the same checkpoint loaded again with every weight in sd.dtype (users draw with the
     unquantised model; the embedding must work there, not only with the weights it saw)."""
-    import minti
+    from minti.loading.pipeline import load  # here, not at the top: see the imports
 
     if getattr(sd, "weights", None) is None:
         return sd
-    return minti.load(sd.source, dtype=sd.dtype, device=sd.device, prediction=sd.prediction)
+    return load(sd.source, dtype=sd.dtype, device=sd.device, prediction=sd.prediction)
 
 
 def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evidence:
     """Sample the grid (init row, learned row), score both against config.images, compute the
     held-out loss of both, and write demo-grid.png and demo-summary.json into `out`. A model
     trained on fp8 weights is evaluated with its full-precision weights (full_precision)."""
-    import torch
+    import torch  # here, not at the top: see the imports
 
-    from minti import atomic
     from minti.demo import concept_score
-    from minti import sampling as smp
+    from minti.sampling import generate, to_pil
     from minti.training.data import TrainingData, load_images
-    from minti.training.trainer import initial_vectors, register_token, training_resolution
+    from minti.training.placeholder import initial_vectors, looks_like_a_path, register_token
+    from minti.training.setup import training_resolution
+    from minti.training.step import Vectors
 
     trained_on = getattr(sd, "weights", None) or "dtype"
     sd = full_precision(sd)
@@ -212,22 +208,23 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
     offset = register_token(sd, config.token, n)  # registered by training; this finds its rows
     templates = tpl.load_templates(config.template)
     prompt = config.preview_prompt or tpl.fill(templates[0], config.token)
-    from_file = Path(config.init).suffix.lower() in (".pt", ".bin", ".safetensors", ".png")
-    init_label = f"{prompt} ({config.token} = {Path(config.init).name})" if from_file else \
+    init_label = f"{prompt} ({config.token} = {Path(config.init).name})" if looks_like_a_path(config.init) else \
         prompt.replace(config.token, config.init)
     res = training_resolution(sd, config)
     seeds = list(range(GRID_FIRST_SEED, GRID_FIRST_SEED + GRID_SEEDS))
-    extras = {"init": _extra(sd, offset, init), "learned": _extra(sd, offset, learned)}
+    # each row's vectors at the token's rows, zeros for placeholders registered before it
+    extras = {row: Vectors(config.token, vectors, offset, None, "").extra()
+              for row, vectors in (("init", init), ("learned", learned))}
     if sd.vae is None:
         sd.restore_vae(sd.device)
     images, scores = {}, {}
     concept = concept_score.to_arrays(config.images)
     for row, extra in extras.items():
-        latents = smp.generate(sd, [prompt] * len(seeds), extra=extra, steps=config.preview_steps,
-                               guidance=config.preview_guidance, seeds=seeds, height=res, width=res)
+        latents = generate(sd, [prompt] * len(seeds), extra=extra, steps=config.preview_steps,
+                           guidance=config.preview_guidance, seeds=seeds, height=res, width=res)
         with torch.no_grad():
             pixels = sd.decode_latents(latents.to(sd.dtype)).float().cpu()
-        images[row] = smp.to_pil(pixels)
+        images[row] = to_pil(pixels)
         scores[row] = concept_score.concept_score(pixels, concept)
     data = TrainingData(load_images(config.images), res, templates, config.token, seed=config.seed)
     data.encode(sd)
@@ -238,8 +235,6 @@ def evidence(sd, config, learned: list[torch.Tensor], out: Path | None) -> Evide
                   heldout_learned=heldout_loss(sd, data, config.token, templates, extras["learned"]),
                   seeds=seeds, steps=config.preview_steps, cfg=config.preview_guidance)
     if out is not None:
-        from PIL import Image
-
         refs = [Image.fromarray(a.astype("uint8")) for a in concept]
         grid = _grid([(f"concept images ({Path(config.images).name}/)", refs),
                       (f"init: {init_label}   concept score {ev.init_score:.2f}", images["init"]),

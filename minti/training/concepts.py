@@ -24,9 +24,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli package, if installed (an optional dependency)
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
 from minti.errors import UserError
 from minti.training import templates as tpl
 from minti.training.embedding import file_stem
+from minti.training.placeholder import looks_like_a_path
 
 # key -> (the types it takes, how the error names them)
 KEYS = {"token": ((str,), "a string"), "images": ((str,), "a string (a folder)"), "init": ((str,), "a string"),
@@ -51,14 +60,9 @@ def _parse(path: Path) -> object:
             return json.loads(text)
         except ValueError as e:
             raise UserError(f"--concepts {path} is not valid JSON ({e})") from None
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UserError(f"--concepts {path}: reading TOML needs Python 3.11+ or the tomli package "
-                            "(pip install tomli); or write the same tables as JSON") from None
+    if tomllib is None:
+        raise UserError(f"--concepts {path}: reading TOML needs Python 3.11+ or the tomli package "
+                        "(pip install tomli); or write the same tables as JSON")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -108,7 +112,7 @@ def read_concepts(path: str | Path) -> list[Concept]:
         settings["images"] = _resolve_path(table["images"], base)
         if "template" in settings and settings["template"] not in tpl.BUILTIN:
             settings["template"] = _resolve_path(settings["template"], base)
-        if "init" in settings and Path(settings["init"]).suffix.lower() in (".pt", ".bin", ".safetensors"):
+        if "init" in settings and looks_like_a_path(settings["init"]):
             settings["init"] = _resolve_path(settings["init"], base)
         name = table.get("name", file_stem(table["token"]))
         if not name or name in (".", "..") or "/" in name or "\\" in name:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
+from minti.loading.families import Family
 from minti.training import templates as tpl
 
 log = logging.getLogger("minti")
@@ -34,6 +36,22 @@ def derive_seed(*parts: int | str) -> int:
 
 def generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def augment_caption(caption: str, shuffle: bool, dropout: float, keep: int, gen: torch.Generator) -> str:
+    """One sample's caption with kohya's tag options: the first `keep` tags stay in place, the rest
+    are shuffled (`shuffle`) and each dropped with probability `dropout`. Draws come from `gen`
+    only (the caller derives it from (seed, sample)), so a resumed run draws the same captions."""
+    if not shuffle and dropout <= 0:
+        return caption
+    tags = tpl.split_tags(caption)
+    fixed, free = tags[:keep], tags[keep:]
+    if shuffle and len(free) > 1:
+        free = [free[i] for i in torch.randperm(len(free), generator=gen).tolist()]
+    if dropout > 0 and free:
+        drawn = torch.rand(len(free), generator=gen).tolist()
+        free = [t for t, u in zip(free, drawn) if u >= dropout]
+    return ", ".join(fixed + free)
 
 
 # ------------------------------------------------------------------------------- reading
@@ -81,8 +99,6 @@ def read_image(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     EXIF orientation applied; grayscale, palette, CMYK and 16-bit images converted. Raises
     OSError/ValueError (from PIL) for unreadable files.
     """
-    from PIL import Image, ImageOps
-
     with Image.open(path) as img:
         img.load()
         try:
@@ -188,10 +204,10 @@ def make_buckets(resolution: int, multiple: int = BUCKET_MULTIPLE) -> list[tuple
     return sorted(found, key=lambda hw: (hw[1] / hw[0], hw[1]))
 
 
-def buckets_on(setting: bool | None, family: str) -> bool:
-    """--buckets, where None means on for SDXL (its size conditioning was trained on bucketed
-    images) and off for SD 1.x/2.x (trained on square crops)."""
-    return family == "sdxl" if setting is None else bool(setting)
+def buckets_on(setting: bool | None, family: Family) -> bool:
+    """--buckets, where None means the family's default: on for SDXL (its size conditioning was
+    trained on bucketed images), off for SD 1.x/2.x (trained on square crops)."""
+    return family.buckets_by_default if setting is None else bool(setting)
 
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -266,7 +282,7 @@ class TrainingData:
     alpha_mask: bool = False
     repeats: int = 1
     buckets: bool = False
-    shuffle_tags: bool = False  # caption tag options (templates.augment_caption)
+    shuffle_tags: bool = False  # caption tag options (augment_caption)
     tag_dropout: float = 0.0
     keep_tokens: int = 0
     variants: list[Variant] = field(default_factory=list)
@@ -416,8 +432,8 @@ class TrainingData:
         choices = [i for i, v in enumerate(self.variants) if v.image == image]
         variant = choices[int(torch.randint(len(choices), (1,), generator=gen))]
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=gen))]
-        caption = tpl.augment_caption(self.images[image].caption, self.shuffle_tags, self.tag_dropout,
-                                      self.keep_tokens, generator(self.seed, "caption", index))
+        caption = augment_caption(self.images[image].caption, self.shuffle_tags, self.tag_dropout,
+                                  self.keep_tokens, generator(self.seed, "caption", index))
         return variant, tpl.fill(template, self.token, caption)
 
     def sample(self, index: int) -> tuple[int, str]:

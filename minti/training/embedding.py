@@ -1,32 +1,45 @@
 """A learned embedding, and the file formats the rest of the ecosystem reads.
 
-Formats (all hold float32 [N, dim] tensors, N = vectors per token):
-  <name>.safetensors          {"emb_params": [N, dim]}              A1111, ComfyUI, kohya --weights
-  <name>.pt                   A1111's pickle-free dict:              A1111, diffusers (token = "name")
-                              string_to_token {"*": 265}, string_to_param {"*": [N, dim]},
-                              name, step, sd_checkpoint, sd_checkpoint_name
-  learned_embeds.safetensors  {"<token>": [N, dim]}                  diffusers' own format
-  SDXL (two text encoders)    {"clip_l": [N, 768], "clip_g": [N, 1280]}  kohya / ComfyUI / A1111 / diffusers
+FORMATS, the one table of them (all hold float32 [N, dim] tensors, N = vectors per token):
+  safetensors  <name>.safetensors          {"emb_params": [N, dim]}        A1111, ComfyUI, kohya --weights
+                                           SDXL (two text encoders): {"clip_l": [N, 768], "clip_g": [N, 1280]}
+                                                                           kohya / ComfyUI / A1111 / diffusers
+  pt           <name>.pt                   A1111's pickle-free dict:        A1111, diffusers (token = "name")
+                                           string_to_token {"*": 265}, string_to_param {"*": [N, dim]},
+                                           name, step, sd_checkpoint, sd_checkpoint_name
+  diffusers    learned_embeds.safetensors  {"<token>": [N, dim]}            diffusers' own format
 
 A1111 and ComfyUI take the trigger word from the file name, so `<name>` is the token with
-the angle brackets removed, and load_embedding() names a file's token after its stem.
+the angle brackets removed, and load_embedding() names a file's token after its stem. A1111's
+PNG card (a preview carrying the .pt dict in a text chunk) is read and written at the end.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from minti import atomic
+import minti.atomic as atomic
+from minti.errors import missing_path
+from minti.loading.checkpoint import file_format, what_it_is_instead
+from minti.loading.families import family_with_text_widths
 
 STAR_TOKEN_ID = 265  # CLIP's id for "*": A1111 stores it in every .pt, nothing reads it back
 SDXL_KEYS = ("clip_l", "clip_g")  # order = sd.text_encoders order (CLIP-L, then bigG)
-FORMATS = ("safetensors", "pt", "diffusers")
 # Token vectors are of order 1 (trained ones rarely pass 10); a value past this cannot have come from
 # training that went well, and in float16 the text encoder would overflow on it.
 MAX_ABS_VALUE = 1e4
+CARD_SUFFIX = ".png"
 
 
 def file_stem(token: str) -> str:
@@ -81,47 +94,34 @@ class Embedding:
 
     # ------------------------------------------------------------------- saving
 
+    @property
+    def formats(self) -> list[str]:
+        """The FORMATS that can hold this embedding (SDXL's: safetensors only), in the table's order."""
+        return [f.name for f in FORMATS.values() if len(self.vectors) in f.encoders]
+
     def state_dicts(self) -> dict[str, dict]:
         """format -> what that file holds (tensors are CPU float32)."""
-        if self.is_sdxl:
-            return {"safetensors": dict(zip(SDXL_KEYS, self.vectors))}
-        v = self.vectors[0]
-        return {
-            "safetensors": {"emb_params": v},
-            "pt": {
-                "string_to_token": {"*": STAR_TOKEN_ID},
-                "string_to_param": {"*": v},
-                # diffusers takes the token from "name": keep the brackets so it matches the
-                # token used in training and in learned_embeds.safetensors.
-                "name": self.token,
-                "step": self.step,
-                "sd_checkpoint": self.sd_checkpoint,
-                "sd_checkpoint_name": self.sd_checkpoint_name,
-            },
-            "diffusers": {self.token: v},
-        }
+        return {name: FORMATS[name].layout(self) for name in self.formats}
 
     def save(self, path: str | Path, formats: tuple[str, ...] | None = None) -> list[Path]:
-        """Save atomically. `path` is a folder (-> every format: <name>.safetensors, <name>.pt,
-        learned_embeds.safetensors) or a file whose suffix picks the format (.safetensors ->
-        emb_params, .pt/.bin -> A1111; `formats=("diffusers",)` with a file path -> {token: tensor}).
-        SDXL embeddings have one format ({"clip_l", "clip_g"}) and are saved as .safetensors only.
-        Returns the files written.
+        """Save atomically. `path` is a folder (-> every format, each under its FORMATS file name)
+        or a file whose suffix picks the format (.safetensors -> emb_params, .pt/.bin -> A1111;
+        `formats=("diffusers",)` with a file path -> {token: tensor}). SDXL embeddings have one
+        format ({"clip_l", "clip_g"}) and are saved as .safetensors only. Returns the files written.
         """
         path = Path(path)
         data = self.state_dicts()
         meta = {"token": self.token, "step": str(self.step), "format": "minti"}
         suffix = path.suffix.lower()
-        if suffix in (".safetensors", ".pt", ".bin"):
-            fmt = formats or (("safetensors",) if suffix == ".safetensors" else ("pt",))
+        if suffix in FILE_SUFFIXES:
+            fmt = formats or (next(f.name for f in FORMATS.values() if suffix in f.suffixes),)
             if len(fmt) != 1 or fmt[0] not in data:
                 raise ValueError(f"{path}: a file path takes one of the formats {', '.join(data)}; "
                                  "pass a folder to write them all")
             fmt = fmt[0]
-            # The suffix must say how the file is encoded: .safetensors or a torch pickle.
-            if (fmt == "pt" and suffix == ".safetensors") or (fmt == "safetensors" and suffix != ".safetensors"):
+            if suffix not in FORMATS[fmt].suffixes:
                 raise ValueError(f"{path}: format {fmt!r} cannot be written with the suffix {path.suffix}")
-            self._write(data[fmt], path, meta)
+            _write(data[fmt], path, meta)
             return [path]
         written = []
         for fmt in formats or FORMATS:
@@ -129,46 +129,115 @@ class Embedding:
                 raise ValueError(f"unknown embedding format {fmt!r}: use {', '.join(FORMATS)}")
             if fmt not in data:
                 continue
-            target = path / ("learned_embeds.safetensors" if fmt == "diffusers" else f"{self.name}.{'pt' if fmt == 'pt' else 'safetensors'}")
-            self._write(data[fmt], target, meta)
+            target = path / FORMATS[fmt].file_name(self.name)
+            _write(data[fmt], target, meta)
             written.append(target)
         return written
 
-    @staticmethod
-    def _write(data: dict, path: Path, meta: dict[str, str]) -> None:
-        if path.suffix.lower() != ".safetensors":
-            atomic.torch_save(data, path)
-        else:
-            atomic.save_safetensors(data, path, metadata=meta)
+
+def _write(data: dict, path: Path, meta: dict[str, str]) -> None:
+    """The suffix says how the file is encoded: .safetensors, else a torch pickle."""
+    if path.suffix.lower() != ".safetensors":
+        atomic.torch_save(data, path)
+    else:
+        atomic.save_safetensors(data, path, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- the formats
+
+
+@dataclass
+class Read:
+    """What a format's reader takes out of a file's dict."""
+    vectors: list[torch.Tensor]
+    token: str | None = None  # the token the file names itself (diffusers' key); None: the file's stem
+    step: int = 0
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Format:
+    """One embedding file format: the file a folder save writes, the suffixes a file of it may have
+    (the first is that file's), the embeddings it can hold (by number of text encoders), the dict
+    written for one, and the reader that takes a loaded dict apart (None: not this format)."""
+    name: str
+    file_pattern: str  # {name}: the token's file stem
+    suffixes: tuple[str, ...]
+    encoders: tuple[int, ...]
+    layout: Callable[[Embedding], dict]
+    read: Callable[[dict, Path], Read | None]
+
+    def file_name(self, name: str) -> str:
+        return self.file_pattern.format(name=name)
+
+
+def _a1111_safetensors(emb: Embedding) -> dict:
+    return dict(zip(SDXL_KEYS, emb.vectors)) if emb.is_sdxl else {"emb_params": emb.vectors[0]}
+
+
+def _read_a1111_safetensors(data: dict, path: Path) -> Read | None:
+    if all(k in data for k in SDXL_KEYS):
+        return Read([_as_tensor(data[k], path, k) for k in SDXL_KEYS])
+    if "emb_params" in data:
+        return Read([_as_tensor(data["emb_params"], path, "emb_params")])
+    return None
+
+
+def _a1111_pt(emb: Embedding) -> dict:
+    v = emb.vectors[0]
+    return {"string_to_token": {"*": STAR_TOKEN_ID}, "string_to_param": {"*": v},
+            # diffusers takes the token from "name": keep the brackets so it matches the token
+            # used in training and in learned_embeds.safetensors.
+            "name": emb.token, "step": emb.step, "sd_checkpoint": emb.sd_checkpoint,
+            "sd_checkpoint_name": emb.sd_checkpoint_name}
+
+
+def _read_a1111_pt(data: dict, path: Path) -> Read | None:
+    if "string_to_param" not in data:
+        return None
+    params = data["string_to_param"]
+    if not isinstance(params, dict) or len(params) != 1:
+        raise _bad(path, "string_to_param must hold exactly one tensor")
+    return Read([_as_tensor(next(iter(params.values())), path, "string_to_param")], step=int(data.get("step") or 0),
+                sd_checkpoint=data.get("sd_checkpoint"), sd_checkpoint_name=data.get("sd_checkpoint_name"))
+
+
+def _read_diffusers(data: dict, path: Path) -> Read | None:
+    if len(data) != 1:
+        return None
+    key, value = next(iter(data.items()))
+    return Read([_as_tensor(value, path, repr(key))], token=str(key))
+
+
+# The order is that of a folder save, and of reading: the first reader that recognises a dict wins
+# (diffusers' {token: tensor} last, as any one-key dict looks like it).
+FORMATS = {f.name: f for f in (
+    Format("safetensors", "{name}.safetensors", (".safetensors",), (1, 2), _a1111_safetensors,
+           _read_a1111_safetensors),
+    Format("pt", "{name}.pt", (".pt", ".bin"), (1,), _a1111_pt, _read_a1111_pt),
+    Format("diffusers", "learned_embeds.safetensors", (".safetensors", ".pt", ".bin"), (1,),
+           lambda emb: {emb.token: emb.vectors[0]}, _read_diffusers),
+)}
+FILE_SUFFIXES = tuple(dict.fromkeys(s for f in FORMATS.values() for s in f.suffixes))
+# What load_embedding reads: the formats' suffixes, the other names of a torch pickle, A1111's card
+EMBEDDING_SUFFIXES = (*FILE_SUFFIXES, ".ckpt", ".pth", CARD_SUFFIX)
 
 
 # ----------------------------------------------------------------------------- families
 
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
-def family_of(dims: list[int]) -> str | None:
-    """The model family whose text encoders are `dims` wide (the family table's presets), or None."""
-    from minti.loading.families import FAMILIES
-
-    for family in FAMILIES.values():
-        if [family.parts[p].preset.width for p in family.text_parts] == list(dims):
-            return family.name
-    return None
-
-
 def _what(dims: list[int]) -> str:
-    family = family_of(dims)
+    family = family_with_text_widths(dims)
     if family is None:
         return f"{list(dims)}-wide"
     if len(dims) == 2:
-        return f"{list(dims)}-wide ({FAMILY_LABELS[family]}: clip_l [N, {dims[0]}] + clip_g [N, {dims[1]}])"
-    return f"{list(dims)}-wide ({FAMILY_LABELS[family]})"
+        return f"{list(dims)}-wide ({family.label}: clip_l [N, {dims[0]}] + clip_g [N, {dims[1]}])"
+    return f"{list(dims)}-wide ({family.label})"
 
 
 def mismatch(path: str | Path, emb: Embedding, sd) -> str:
     """One line for an embedding file whose vectors do not fit the model: what each is and the fix."""
-    label = FAMILY_LABELS.get(sd.family, sd.family)
+    label = sd.family_facts.label
     return (f"{path} holds {_what(emb.dims)} vectors but this {label} model needs "
             f"{_what(list(sd.embedding_dims))}: use an embedding trained for {label}")
 
@@ -182,21 +251,19 @@ def _bad(path: Path, what: str) -> ValueError:
 
 
 def _read(path: Path) -> dict:
-    from minti.errors import missing_path
-    from minti.loading.checkpoint import file_format, what_it_is_instead
-
     if not path.exists():
         reason = missing_path(path)
         raise ValueError(f"embedding file {path} {reason}" + (": check the path" if reason == "does not exist" else ""))
     if path.is_dir():
-        for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        diffusers = Path(FORMATS["diffusers"].file_pattern).stem  # also as diffusers' older .bin
+        for name in (f"{diffusers}.safetensors", f"{diffusers}.bin"):
             if (path / name).is_file():
                 return _read(path / name)
         raise ValueError(f"{path} is a folder without learned_embeds.safetensors: pass the embedding file itself")
     suffix = path.suffix.lower()
-    if suffix == ".png":
+    if suffix == CARD_SUFFIX:
         return read_png_card(path)
-    if suffix not in (".safetensors", ".pt", ".bin", ".ckpt", ".pth"):
+    if suffix not in EMBEDDING_SUFFIXES:
         raise ValueError(f"{path}: unknown embedding file type {path.suffix!r}; use .safetensors, .pt, .bin or an "
                          "A1111 .png card")
     try:
@@ -209,17 +276,11 @@ def _read(path: Path) -> dict:
     if instead is not None:
         raise ValueError(f"{path} {instead}")
     if fmt == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"cannot read {path}: {_first_line(e)}; the file is damaged or not a safetensors "
                              "file") from None
-    import pickle
-    import re
-
     try:
         # weights_only: an embedding from the internet must never run code on load. A file object:
         # torch.load would take a .safetensors name for safetensors bytes.
@@ -258,32 +319,14 @@ def load_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if not isinstance(data, dict) or not data:
         raise _bad(path, "it holds no dict of tensors")
     stem = path.stem if not path.is_dir() else path.name
-    if path.suffix.lower() == ".png" and isinstance(data.get("name"), str) and data["name"]:
+    if path.suffix.lower() == CARD_SUFFIX and isinstance(data.get("name"), str) and data["name"]:
         stem = data["name"]  # A1111 triggers a card by the name inside it, not its file name
-    step = 0
-    checkpoint = checkpoint_name = None
-    if "string_to_param" in data:  # A1111 .pt
-        params = data["string_to_param"]
-        if not isinstance(params, dict) or len(params) != 1:
-            raise _bad(path, "string_to_param must hold exactly one tensor")
-        vectors = [_as_tensor(next(iter(params.values())), path, "string_to_param")]
-        step = int(data.get("step") or 0)
-        checkpoint, checkpoint_name = data.get("sd_checkpoint"), data.get("sd_checkpoint_name")
-        name = token or stem
-    elif all(k in data for k in SDXL_KEYS):
-        vectors = [_as_tensor(data[k], path, k) for k in SDXL_KEYS]
-        name = token or stem
-    elif "emb_params" in data:
-        vectors = [_as_tensor(data["emb_params"], path, "emb_params")]
-        name = token or stem
-    elif len(data) == 1:  # diffusers {token: tensor}
-        key, value = next(iter(data.items()))
-        vectors = [_as_tensor(value, path, repr(key))]
-        name = token or str(key)
-    else:
+    read = next((found for f in FORMATS.values() if (found := f.read(data, path)) is not None), None)
+    if read is None:
         raise _bad(path, f"unexpected keys {sorted(map(str, data))[:6]}")
     try:
-        emb = Embedding(name, vectors, step=step, sd_checkpoint=checkpoint, sd_checkpoint_name=checkpoint_name)
+        emb = Embedding(token or read.token or stem, read.vectors, step=read.step, sd_checkpoint=read.sd_checkpoint,
+                        sd_checkpoint_name=read.sd_checkpoint_name)
     except ValueError as e:
         raise _bad(path, str(e)) from None
     if not all(torch.isfinite(v).all() for v in emb.vectors):
@@ -309,13 +352,11 @@ _TENSOR_KEY = "TORCHTENSOR"
 
 
 def card_data(emb: Embedding) -> dict:
-    """What a card holds: the A1111 .pt dict (SDXL: clip_l and clip_g), named after the file stem."""
+    """What a card holds: the A1111 .pt dict (SDXL: its clip_l and clip_g, and the step), named after
+    the file stem."""
     if emb.is_sdxl:
-        data = dict(zip(SDXL_KEYS, emb.vectors))
-        data.update(name=emb.name, step=emb.step)
-    else:
-        data = dict(emb.state_dicts()["pt"], name=emb.name)
-    return data
+        return dict(emb.state_dicts()["safetensors"], name=emb.name, step=emb.step)
+    return dict(emb.state_dicts()["pt"], name=emb.name)
 
 
 def _jsonable(value):
@@ -336,11 +377,6 @@ def _from_json(obj: dict):
 def save_png_card(emb: Embedding, image, path: str | Path) -> Path:
     """Write `image` (a PIL image or a PNG file) to `path` with the embedding in its text chunk
     and a strip naming the embedding and its step under the picture; atomic."""
-    from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-
-    import base64
-    import json
-
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
             image = opened.convert("RGB")
@@ -364,12 +400,6 @@ def save_png_card(emb: Embedding, image, path: str | Path) -> Path:
 def read_png_card(path: str | Path) -> dict:
     """The embedding dict of an A1111 PNG card (tensors as float32); ValueError naming the file
     when it has no readable sd-ti-embedding text chunk."""
-    from PIL import Image, UnidentifiedImageError
-
-    import base64
-    import binascii
-    import json
-
     path = Path(path)
     try:
         with Image.open(path) as img:

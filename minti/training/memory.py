@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from minti.diffusion import diffusion_loss
 from minti.errors import UserError
+from minti.loading.pipeline import random_model
+from minti.models.clip import build_text_encoder
+from minti.models.fp8 import use_fp8_weights
+from minti.models.unet import UNet
 from minti.training.memtrace import MemoryTracer
 
 MODES = ("auto", "low", "fast")
@@ -149,18 +154,12 @@ def _forward_flops(func, args, kwargs, out) -> int:
 
 def _meta_twin(sd):
     """sd's networks rebuilt on the meta device from their configs (no weights, no copies)."""
-    from minti.loading.pipeline import random_model
-    from minti.models.clip import build_text_encoder
-    from minti.models.unet import UNet
-
     meta = random_model(sd.family, sd.dtype, "meta", prediction=sd.prediction)
     with torch.device("meta"):
         meta.unet = UNet(sd.unet.cfg).to(sd.dtype).requires_grad_(False)
         meta.text_encoders = [build_text_encoder(e.cfg).to(sd.dtype).requires_grad_(False)
                               for e in sd.text_encoders]
     if getattr(sd, "weights", None) == "fp8":  # the planner must see the bytes the card will hold
-        from minti.models.fp8 import use_fp8_weights
-
         for module in (meta.unet, *meta.text_encoders):
             use_fp8_weights(module)
         meta.weights = "fp8"
@@ -170,8 +169,6 @@ def _meta_twin(sd):
 def _trace_step(sd, resolution: int, batch_size: int, recompute: frozenset[int], record: bool) -> _BlockTracer:
     """One training step of sd's networks on the meta device under a _BlockTracer: the text
     encoders, then the trainer's objective (minti.diffusion.diffusion_loss) and its backward."""
-    from minti.diffusion import diffusion_loss
-
     meta = _meta_twin(sd)
     meta.unet.recompute = recompute
     with torch.device("meta"):
@@ -183,8 +180,7 @@ def _trace_step(sd, resolution: int, batch_size: int, recompute: frozenset[int],
     with _BlockTracer(meta.unet, [meta.unet, *meta.text_encoders], [*vectors, latents], record) as tracer:
         tokens = [t.to("meta") for t in tokens]
         context, pooled = meta.encode_tokens(tokens, vectors)
-        y = (meta.sdxl_vector(pooled, original_size=(resolution, resolution), target_size=(resolution, resolution))
-             if meta.family == "sdxl" else None)
+        y = meta.size_condition(pooled, original_size=(resolution, resolution), target_size=(resolution, resolution))
         noise = torch.zeros(latents.shape, device="meta")
         t = torch.zeros(batch_size, dtype=torch.long, device="meta")
         loss = diffusion_loss(meta.unet, latents, noise, t, context, y, prediction=meta.prediction)

@@ -21,7 +21,9 @@ import math
 import re
 from pathlib import Path
 
-from minti import atomic
+from PIL import Image
+
+import minti.atomic as atomic
 
 log = logging.getLogger("minti")
 
@@ -114,8 +116,6 @@ def _chart(title: str, steps: list[int], series: list[tuple[str, str, list[float
 def _png_data(path: Path) -> str:
     """The image as a data: URL, scaled down when larger than THUMBNAIL."""
     data = path.read_bytes()
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         if max(img.size) > THUMBNAIL:
             img.thumbnail((THUMBNAIL, THUMBNAIL))

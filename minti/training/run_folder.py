@@ -2,7 +2,7 @@
 
     config.json                  the resolved run; `python -m minti train --resume DIR` reads it back
     <name>.safetensors, <name>.pt, learned_embeds.safetensors
-                                 the embedding (formats: minti.training.embedding)
+                                 the embedding (minti.training.embedding.FORMATS)
     <name>-<step>.safetensors    intermediate saves
     state.pt                     vectors, optimizer, loss scaler and RNG: what resume needs
     loss.jsonl                   one line per optimizer step
@@ -33,11 +33,11 @@ from typing import Iterator
 
 import torch
 
-from minti import atomic
+import minti.atomic as atomic
 from minti.errors import RunError, UserError, missing_path
 from minti.training.report import REPORT_FILE
 from minti.training.config import TrainConfig, known_fields
-from minti.training.embedding import Embedding, file_stem
+from minti.training.embedding import FORMATS, Embedding, file_stem
 from minti.version import __version__
 
 log = logging.getLogger("minti")
@@ -53,9 +53,9 @@ def run_files(name: str) -> list[str]:
     """Patterns (regular expressions on the path relative to the run folder) of every file a run
     of the token whose file name is `name` writes."""
     n = re.escape(name)
-    return [re.escape(CONFIG_FILE), re.escape(STATE_FILE), re.escape(LOSS_LOG), rf"{n}\.safetensors", rf"{n}\.pt",
-            r"learned_embeds\.safetensors", rf"{n}-\d+\.safetensors", rf"{PREVIEWS}/{n}-\d+\.png",
-            rf"{n}\.png", re.escape(REPORT_FILE)]
+    return [re.escape(CONFIG_FILE), re.escape(STATE_FILE), re.escape(LOSS_LOG),
+            *(re.escape(f.file_name(name)) for f in FORMATS.values()), rf"{n}-\d+\.safetensors",
+            rf"{PREVIEWS}/{n}-\d+\.png", rf"{n}\.png", re.escape(REPORT_FILE)]
 
 
 def checkpoint_short_hash(path: str | Path) -> str | None:
@@ -205,13 +205,10 @@ class RunFolder:
 
     # -- saving -------------------------------------------------------------------------------
     def embedding_files(self, embedding: Embedding) -> dict[Path, tuple[str, ...]]:
-        """file -> the format written there. Named by the token, each as a file path, so that the
-        folder's own name never matters (a folder may well be called my-cat.pt)."""
-        if embedding.is_sdxl:
-            return {self.path / f"{embedding.name}.safetensors": ("safetensors",)}
-        return {self.path / f"{embedding.name}.safetensors": ("safetensors",),
-                self.path / f"{embedding.name}.pt": ("pt",),
-                self.path / "learned_embeds.safetensors": ("diffusers",)}
+        """file -> the format written there: each format that holds the embedding, under its file
+        name. Each saved as a file path, so that the folder's own name never matters (a folder may
+        well be called my-cat.pt)."""
+        return {self.path / FORMATS[fmt].file_name(embedding.name): (fmt,) for fmt in embedding.formats}
 
     def save(self, embedding: Embedding, identity: dict, optimizer: torch.optim.Optimizer, scaler,
              intermediate: bool = False, optimizer_state: dict | None = None) -> list[Path]:

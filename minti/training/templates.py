@@ -12,8 +12,6 @@ import re
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 log = logging.getLogger("minti")
 
 OBJECT = [
@@ -123,22 +121,6 @@ def filename_words(path: str | Path) -> str:
 def split_tags(caption: str) -> list[str]:
     """A caption's comma-separated tags, stripped, empty ones dropped."""
     return [t for t in (part.strip() for part in caption.split(",")) if t]
-
-
-def augment_caption(caption: str, shuffle: bool, dropout: float, keep: int, gen: torch.Generator) -> str:
-    """One sample's caption with kohya's tag options: the first `keep` tags stay in place, the rest
-    are shuffled (`shuffle`) and each dropped with probability `dropout`. Draws come from `gen`
-    only (the caller derives it from (seed, sample)), so a resumed run draws the same captions."""
-    if not shuffle and dropout <= 0:
-        return caption
-    tags = split_tags(caption)
-    fixed, free = tags[:keep], tags[keep:]
-    if shuffle and len(free) > 1:
-        free = [free[i] for i in torch.randperm(len(free), generator=gen).tolist()]
-    if dropout > 0 and free:
-        drawn = torch.rand(len(free), generator=gen).tolist()
-        free = [t for t, u in zip(free, drawn) if u >= dropout]
-    return ", ".join(fixed + free)
 
 
 def check_token_shown(templates: list[str], captions: list[str], token: str, tokenize: Callable[[str], list[int]],

@@ -11,15 +11,17 @@ from checkpoints import make_single_file
 from minti.cli import build_parser, main
 from minti.cli.train import resolve
 from minti.demo import demo
+from minti.loading import pipeline
+from minti.training.config import TrainConfig
 from minti.training.run_folder import RunFolder
-from minti.training.trainer import TrainConfig, train
+from minti.training.trainer import train
 from test_demo import FAST, MARGIN, MIN_HELDOUT_DROP, SHIPPED_MODEL, demo_env, tiny  # noqa: F401 (fixtures)
 
 
 def test_fp8_demo_is_scored_with_the_full_precision_model(demo_env, monkeypatch):
     loaded = []
-    real_load = minti.load
-    monkeypatch.setattr(minti, "load", lambda *a, **kw: loaded.append(kw.get("weights")) or real_load(*a, **kw))
+    real_load = pipeline.load  # minti.load is this function, looked up on its module at each use
+    monkeypatch.setattr(pipeline, "load", lambda *a, **kw: loaded.append(kw.get("weights")) or real_load(*a, **kw))
     assert main(["train", "--weights", "fp8", *FAST]) == 0
     summary = json.loads((demo_env / "runs" / "demo" / demo.SUMMARY_FILE).read_text())
     assert (summary["trained_weights"], summary["evaluated_weights"]) == ("fp8", "dtype")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minti.training import templates as tpl
-from minti.training.data import TrainingData, find_images, load_images, read_image
+from minti.training.data import TrainingData, augment_caption, find_images, generator, load_images, read_image
 
 
 class FakeSD:
@@ -217,3 +217,28 @@ def test_each_variant_records_sdxls_original_size_and_crop_as_kohya_measures_it(
         # a mirrored crop's left edge is the plain crop's distance from the right edge
         assert v.crop_top_left == ((0, 128 - 64 - v.left) if v.flip else (0, v.left))
     assert any(v.flip and v.left != 32 for v in data.variants)  # the mirroring is exercised
+
+
+def test_keep_tokens_stay_in_front_while_the_rest_is_shuffled_and_dropped():
+    caption = "sks dog, red collar, on grass, sunny, close-up, smiling"
+    tags = tpl.split_tags(caption)
+    seen_orders, lengths = set(), []
+    for i in range(200):
+        out = tpl.split_tags(augment_caption(caption, True, 0.3, 2, generator(0, "caption", i)))
+        assert out[:2] == ["sks dog", "red collar"]  # kohya's keep_tokens: never moved, never dropped
+        assert set(out[2:]) <= set(tags[2:]) and len(set(out)) == len(out)
+        seen_orders.add(tuple(out[2:]))
+        lengths.append(len(out) - 2)
+    assert len(seen_orders) > 20  # shuffled
+    kept = sum(lengths) / (200 * 4)
+    assert 0.6 < kept < 0.8  # each of the 4 free tags survives with probability 0.7
+
+
+def test_caption_draws_depend_only_on_the_generator_so_a_resumed_run_draws_the_same():
+    caption = "a, b, c, d, e, f"
+    first = [augment_caption(caption, True, 0.2, 0, generator(3, "caption", i)) for i in range(30)]
+    again = [augment_caption(caption, True, 0.2, 0, generator(3, "caption", i)) for i in reversed(range(30))]
+    assert first == list(reversed(again))
+    assert first != [augment_caption(caption, True, 0.2, 0, generator(4, "caption", i)) for i in range(30)]
+    # off: the caption is left exactly as written
+    assert augment_caption("x,  y", False, 0.0, 0, generator(0)) == "x,  y"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from minti.loading.families import FAMILIES
 from minti.training.data import TrainingData, buckets_on, load_images, make_buckets, nearest_bucket
 from test_data import FakeSD, save
 
@@ -32,8 +33,9 @@ def test_each_image_goes_to_the_bucket_of_nearest_aspect_ratio():
 
 
 def test_buckets_default_on_for_sdxl_only():
-    assert buckets_on(None, "sdxl") and not buckets_on(None, "sd1") and not buckets_on(None, "sd2")
-    assert buckets_on(True, "sd1") and not buckets_on(False, "sdxl")
+    assert buckets_on(None, FAMILIES["sdxl"]) and not buckets_on(None, FAMILIES["sd1"])
+    assert not buckets_on(None, FAMILIES["sd2"])
+    assert buckets_on(True, FAMILIES["sd1"]) and not buckets_on(False, FAMILIES["sdxl"])
 
 
 @pytest.fixture

@@ -11,10 +11,12 @@ from PIL import Image
 import minti
 from checkpoints import make_single_file
 from minti.errors import UserError
+from minti.training.config import TrainConfig
 from minti.training.data import TrainingData
 from minti.training.embedding import load_embedding
 from minti.training.norm import median_norm
-from minti.training.trainer import TrainConfig, initial_vectors, token_table, train
+from minti.training.placeholder import initial_vectors, token_table
+from minti.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

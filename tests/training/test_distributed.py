@@ -24,6 +24,7 @@ from minti.training import distributed
 from minti.training.config import TrainConfig
 from minti.training.embedding import load_embedding
 from minti.training.run_folder import RunFolder
+from minti.training.setup import _warn_if_the_batch_changes
 from minti.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,15 +50,14 @@ def _free_port() -> int:
 def _rank_main(rank, port, job, sd, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **{distributed.TIMEOUT_ENV: str(TIMEOUT_S)})
-    started = time.perf_counter()
     try:
         results.put((rank, job(rank, sd)))
     except Exception as e:  # noqa: BLE001  (the test reads what each rank ended with)
-        results.put((rank, {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - started}))
+        results.put((rank, {"error": f"{type(e).__name__}: {e}"}))
 
 
 def on_two_ranks(sd, job, wait_s=60):
-    """Run job(rank, sd) in two forked ranks -> {rank: what it returned, or {"error", "seconds"}}.
+    """Run job(rank, sd) in two forked ranks -> {rank: what it returned, or {"error"}}.
     A rank that never reports (killed, stopped) is missing; it is killed at the end."""
     ctx = mp.get_context("fork")
     results = ctx.Queue()
@@ -127,8 +127,6 @@ def test_a_run_resumes_on_another_number_of_ranks(tiny_sd, tmp_path):
 
 
 def test_resuming_on_another_process_count_warns_when_the_images_per_step_change(tiny_sd, tmp_path, caplog):
-    from minti.training.trainer import _warn_if_the_batch_changes
-
     train(tiny_sd, cfg("<wb>", tmp_path / "start", batch_size=2, steps=1))
     assert json.loads((tmp_path / "start" / "config.json").read_text())["world_size"] == 1
     assert torch.load(tmp_path / "start" / "state.pt", weights_only=True)["world_size"] == 1
@@ -158,8 +156,9 @@ def test_a_lost_rank_ends_the_other_with_a_clear_message_instead_of_a_hang(tiny_
     error = ranks[0]["error"]
     assert error.startswith("RunError: rank 0 of 2 lost the other ranks during step 2"), error
     assert f"within {TIMEOUT_S} s" in error and "\n" not in error and str(tmp_path / "run") in error
-    # a hang is noticed by the timeout, a crash at once (its sockets close)
-    assert ranks[0]["seconds"] < TIMEOUT_S + 10
+    # rank 0 reported (on_two_ranks gives up on a rank after 30 s): a hang is noticed by the timeout,
+    # a crash at once, by its closed sockets, not by waiting the timeout out
+    assert ("Timed out" in error) == (how == signal.SIGSTOP), error
     assert load_embedding(tmp_path / "run" / "lost.pt").step == 1  # the last step both ranks finished
 
 

@@ -13,7 +13,9 @@ from minti import sampling
 from minti.errors import UserError
 from minti.training.config import TrainConfig
 from minti.training.embedding import Embedding
-from minti.training.trainer import initial_vectors, token_table, train, training_resolution
+from minti.training.placeholder import initial_vectors, token_table
+from minti.training.setup import training_resolution
+from minti.training.trainer import train
 
 RES = 64
 

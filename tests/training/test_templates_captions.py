@@ -3,10 +3,8 @@ dropout and kept tags (seeded per sample), and templates that would never show t
 import logging
 
 import pytest
-import torch
 
 from minti.training import templates as tpl
-from minti.training.data import generator
 
 
 def test_filename_words_drop_the_extension_and_leading_counter_and_read_underscores_and_dashes_as_spaces():
@@ -15,31 +13,6 @@ def test_filename_words_drop_the_extension_and_leading_counter_and_read_undersco
     assert tpl.filename_words("cat_on  sofa.webp") == "cat on sofa"
     assert tpl.filename_words("00042.png") == ""
     assert tpl.filename_words("IMG_2041.JPG") == "IMG 2041"  # only a leading number is a counter
-
-
-def test_keep_tokens_stay_in_front_while_the_rest_is_shuffled_and_dropped():
-    caption = "sks dog, red collar, on grass, sunny, close-up, smiling"
-    tags = tpl.split_tags(caption)
-    seen_orders, lengths = set(), []
-    for i in range(200):
-        out = tpl.split_tags(tpl.augment_caption(caption, True, 0.3, 2, generator(0, "caption", i)))
-        assert out[:2] == ["sks dog", "red collar"]  # kohya's keep_tokens: never moved, never dropped
-        assert set(out[2:]) <= set(tags[2:]) and len(set(out)) == len(out)
-        seen_orders.add(tuple(out[2:]))
-        lengths.append(len(out) - 2)
-    assert len(seen_orders) > 20  # shuffled
-    kept = sum(lengths) / (200 * 4)
-    assert 0.6 < kept < 0.8  # each of the 4 free tags survives with probability 0.7
-
-
-def test_caption_draws_depend_only_on_the_generator_so_a_resumed_run_draws_the_same():
-    caption = "a, b, c, d, e, f"
-    first = [tpl.augment_caption(caption, True, 0.2, 0, generator(3, "caption", i)) for i in range(30)]
-    again = [tpl.augment_caption(caption, True, 0.2, 0, generator(3, "caption", i)) for i in reversed(range(30))]
-    assert first == list(reversed(again))
-    assert first != [tpl.augment_caption(caption, True, 0.2, 0, generator(4, "caption", i)) for i in range(30)]
-    # off: the caption is left exactly as written
-    assert tpl.augment_caption("x,  y", False, 0.0, 0, generator(0)) == "x,  y"
 
 
 class Words:
